@@ -1,0 +1,1 @@
+"""Stable Diffusion in TensorFlow / Keras 3."""
