@@ -1,0 +1,422 @@
+"""Reading checkpoints and porting their tensors into the Keras models, by name.
+
+A Keras variable path is a checkpoint key: ``down_blocks.0.resnets.0/conv1/kernel``
+holds ``down_blocks.0.resnets.0.conv1.weight``. Tensors change layout by
+explicit rules only: conv kernels OIHW <-> HWIO, linear weights transposed.
+Original (CompVis) single files are first renamed to diffusers keys by
+``convert_original``; nothing is ever matched by position.
+"""
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read, or does not fit the model."""
+
+
+# ----------------------------------------------------------------------------
+# Readers: path -> {key: numpy array}
+# ----------------------------------------------------------------------------
+
+
+def read_safetensors(path):
+    """All tensors of a ``.safetensors`` file, as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    try:
+        data = Path(path).read_bytes()
+        return load(data)
+    except (SafetensorError, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    except Exception as error:  # safetensors raises bare exceptions for some corruptions
+        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+
+
+# torch storage classes a checkpoint may name, and their element types.
+_TORCH_STORAGES = {
+    "FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
+    "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+    "BFloat16Storage": "bfloat16",
+}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *unused):
+    itemsize = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(
+        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+    ).copy()
+
+
+def _rebuild_parameter(tensor, *unused):
+    return tensor
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles torch's ``data.pkl`` allowing only tensor records and plain containers."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"): dict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    }
+
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name in _TORCH_STORAGES:
+            dtype = _TORCH_STORAGES[name]
+            if dtype == "bfloat16":
+                import ml_dtypes
+
+                dtype = ml_dtypes.bfloat16
+            return np.dtype(dtype)
+        raise CheckpointError(
+            f"refusing to unpickle {module}.{name}: a checkpoint may hold only tensors and plain "
+            "containers (convert it to .safetensors if it is trusted)"
+        )
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, _numel = pid
+        if kind != "storage":
+            raise CheckpointError(f"unknown persistent record {kind!r}")
+        raw = self.archive.read(f"{self.prefix}data/{key}")
+        return np.frombuffer(raw, dtype=dtype)
+
+
+def read_ckpt(path):
+    """The tensors of a PyTorch zip checkpoint (``.ckpt``, ``.bin``, ``.pt``), without torch.
+
+    A top-level ``state_dict`` entry is unwrapped. Non-tensor entries are dropped.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (no data.pkl)")
+            prefix = pickles[0][: -len("data.pkl")]
+            with archive.open(pickles[0]) as file:
+                obj = _RestrictedUnpickler(file, archive, prefix).load()
+    except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError, ValueError, TypeError) as error:
+        if isinstance(error, CheckpointError):
+            raise CheckpointError(f"{path}: {error}") from None
+        raise CheckpointError(f"{path}: corrupt or unsupported PyTorch checkpoint ({error})") from error
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
+    return {key: value for key, value in obj.items() if isinstance(value, np.ndarray)}
+
+
+def read_checkpoint(path):
+    """Tensors of one file, by its suffix: ``.safetensors`` or a PyTorch zip (``.ckpt``, ``.bin``, ``.pt``, ``.pth``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    if path.suffix in (".ckpt", ".bin", ".pt", ".pth"):
+        return read_ckpt(path)
+    raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors or .ckpt)")
+
+
+def read_component(folder, stem, variant=None):
+    """The tensors of one diffusers component folder (``stem`` is e.g. ``diffusion_pytorch_model``).
+
+    Takes ``stem.safetensors``, else ``stem.fp16.safetensors`` (or the given
+    ``variant``), sharded or not, else the same as ``.bin``.
+    """
+    folder = Path(folder)
+    variants = [variant] if variant else [None, "fp16"]
+    for suffix in ("safetensors", "bin"):
+        for v in variants:
+            name = f"{stem}.{v}.{suffix}" if v else f"{stem}.{suffix}"
+            if (folder / name).is_file():
+                return read_checkpoint(folder / name)
+            index = folder / f"{name}.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                tensors = {}
+                for shard in shards:
+                    tensors.update(read_checkpoint(folder / shard))
+                return tensors
+    raise CheckpointError(f"{folder}: no {stem}[.fp16].safetensors/.bin weights found")
+
+
+# ----------------------------------------------------------------------------
+# Keras variables <-> checkpoint keys
+# ----------------------------------------------------------------------------
+
+_KERAS_TO_TORCH_NAME = {"kernel": "weight", "gamma": "weight", "embeddings": "weight", "beta": "bias", "bias": "bias"}
+
+
+def checkpoint_key(variable):
+    """The checkpoint key of a Keras variable: its path, dotted, with torch's parameter name."""
+    *layers, name = variable.path.split("/")
+    return ".".join(layers + [_KERAS_TO_TORCH_NAME[name]])
+
+
+def to_keras_layout(tensor, variable):
+    """A checkpoint tensor in the variable's layout: conv OIHW -> HWIO, linear (out, in) -> (in, out)."""
+    if variable.path.endswith("/kernel"):
+        if len(variable.shape) == 4:
+            return np.transpose(tensor, (2, 3, 1, 0)) if tensor.ndim == 4 else tensor
+        if len(variable.shape) == 2 and tensor.ndim == 2:
+            return tensor.T
+    return tensor
+
+
+def to_checkpoint_layout(value, variable):
+    """The inverse of ``to_keras_layout``."""
+    if variable.path.endswith("/kernel"):
+        if value.ndim == 4:
+            return np.transpose(value, (3, 2, 0, 1))
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def checkpoint_shape(variable):
+    """The shape a variable has in a checkpoint."""
+    shape = tuple(variable.shape)
+    if variable.path.endswith("/kernel") and len(shape) == 4:
+        return shape[3], shape[2], shape[0], shape[1]
+    if variable.path.endswith("/kernel") and len(shape) == 2:
+        return shape[::-1]
+    return shape
+
+
+def load_weights(models, tensors):
+    """Assigns every variable of ``models`` from ``tensors`` (diffusers keys), all or nothing.
+
+    Every missing, unexpected and mis-shaped tensor is reported in one
+    ``CheckpointError``; no variable is touched unless all of them fit.
+    """
+    assignments, missing, misshaped = [], [], []
+    used = set()
+    for model in models:
+        for variable in model.weights:
+            key = checkpoint_key(variable)
+            if key not in tensors:
+                missing.append(key)
+                continue
+            used.add(key)
+            value = to_keras_layout(tensors[key], variable)
+            if tuple(value.shape) != tuple(variable.shape):
+                misshaped.append(f"{key}: checkpoint {tuple(tensors[key].shape)}, model needs {checkpoint_shape(variable)}")
+                continue
+            assignments.append((variable, value))
+    unexpected = sorted(set(tensors) - used)
+    if missing or unexpected or misshaped:
+        report = [f"{len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} mis-shaped tensors"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            report += [f"  {title}: {key}" for key in keys]
+        raise CheckpointError("\n".join(report))
+    for variable, value in assignments:
+        variable.assign(np.asarray(value, dtype=np.float32).astype(variable.dtype))
+
+
+def model_tensors(models):
+    """All variables of ``models`` as a {checkpoint key: numpy array} dict in checkpoint layout."""
+    return {
+        checkpoint_key(v): np.ascontiguousarray(to_checkpoint_layout(np.asarray(v.numpy(), np.float32), v))
+        for model in models
+        for v in model.weights
+    }
+
+
+# ----------------------------------------------------------------------------
+# Key renaming for diffusers folders and original single files
+# ----------------------------------------------------------------------------
+
+TEXT_MODEL_PREFIX = "text_model."
+# Buffers some checkpoints store; they are recomputed, not loaded.
+IGNORED_TEXT_KEYS = ("embeddings.position_ids",)
+# Pre-0.14 diffusers VAE attention names.
+_OLD_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def text_encoder_tensors(tensors):
+    """transformers' CLIPTextModel keys, with or without ``text_model.``, as our keys."""
+    out = {}
+    for key, value in tensors.items():
+        key = key.removeprefix(TEXT_MODEL_PREFIX)
+        if key not in IGNORED_TEXT_KEYS:
+            out[key] = value
+    return out
+
+
+def vae_tensors(tensors):
+    """Renames pre-0.14 diffusers VAE attention keys (query/key/value/proj_attn) to the current ones."""
+    pattern = re.compile(r"(mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.")
+    return {pattern.sub(lambda m: m[1] + _OLD_VAE_ATTENTION[m[2]] + ".", key): value for key, value in tensors.items()}
+
+
+ORIGINAL_UNET_PREFIX = "model.diffusion_model."
+ORIGINAL_VAE_PREFIX = "first_stage_model."
+ORIGINAL_CLIP_PREFIX = "cond_stage_model.transformer."
+ORIGINAL_OPENCLIP_PREFIX = "cond_stage_model.model."
+ORIGINAL_EMA_PREFIX = "model_ema."
+
+_RESNET_RENAMES = {
+    "in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
+    "out_layers.0": "norm2", "out_layers.3": "conv2", "skip_connection": "conv_shortcut",
+}
+
+
+def _rename_resnet(rest):
+    for old, new in _RESNET_RENAMES.items():
+        if rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return rest
+
+
+def convert_original_unet(tensors, config):
+    """CompVis ``model.diffusion_model.*`` keys -> diffusers UNet keys, by the UNet's layout rules."""
+    per_level = config.layers_per_block + 1  # resnets (+ attentions) and one down/upsampler
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("time_embed."):
+            new = key.replace("time_embed.0.", "time_embedding.linear_1.").replace("time_embed.2.", "time_embedding.linear_2.")
+        elif key.startswith("input_blocks.0.0."):
+            new = "conv_in." + key[len("input_blocks.0.0."):]
+        elif key.startswith("out.0."):
+            new = "conv_norm_out." + key[len("out.0."):]
+        elif key.startswith("out.2."):
+            new = "conv_out." + key[len("out.2."):]
+        elif m := re.match(r"input_blocks\.(\d+)\.(\d)\.(.*)", key):
+            block, layer = divmod(int(m[1]) - 1, per_level)
+            if layer == config.layers_per_block:  # the downsampler: input_blocks.N.0.op
+                new = f"down_blocks.{block}.downsamplers.0.conv." + m[3].removeprefix("op.")
+            elif m[2] == "0":
+                new = f"down_blocks.{block}.resnets.{layer}." + _rename_resnet(m[3])
+            else:
+                new = f"down_blocks.{block}.attentions.{layer}." + m[3]
+        elif m := re.match(r"middle_block\.(\d)\.(.*)", key):
+            new = {"0": "mid_block.resnets.0.", "1": "mid_block.attentions.0.", "2": "mid_block.resnets.1."}[m[1]]
+            new += m[2] if m[1] == "1" else _rename_resnet(m[2])
+        elif m := re.match(r"output_blocks\.(\d+)\.(\d)\.(.*)", key):
+            block, layer = divmod(int(m[1]), per_level)
+            if m[2] == "0":
+                new = f"up_blocks.{block}.resnets.{layer}." + _rename_resnet(m[3])
+            elif m[3].startswith("conv."):  # the upsampler: output_blocks.N.{1,2}.conv
+                new = f"up_blocks.{block}.upsamplers.0." + m[3]
+            else:
+                new = f"up_blocks.{block}.attentions.{layer}." + m[3]
+        else:
+            new = key  # reported as unexpected by load_weights
+        out[new] = value
+    return out
+
+
+_VAE_RENAMES = [
+    (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
+    (r"^(encoder|decoder)\.mid\.block_1\.", r"\1.mid_block.resnets.0."),
+    (r"^(encoder|decoder)\.mid\.block_2\.", r"\1.mid_block.resnets.1."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
+    (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
+    (r"^encoder\.down\.(\d+)\.block\.(\d+)\.", r"encoder.down_blocks.\1.resnets.\2."),
+    (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
+    (r"\.nin_shortcut\.", ".conv_shortcut."),
+]
+
+
+def convert_original_vae(tensors, config):
+    """CompVis ``first_stage_model.*`` keys -> diffusers AutoencoderKL keys.
+
+    The decoder's ``up.i`` counts from the lowest resolution, diffusers' ``up_blocks.i`` from the
+    highest; the attention's 1x1 convolutions become linear weights.
+    """
+    levels = len(config.block_out_channels)
+    out = {}
+    for key, value in tensors.items():
+        for pattern, replacement in _VAE_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if m := re.match(r"decoder\.up\.(\d+)\.(block|upsample)\.(.*)", key):
+            kind = "resnets." if m[2] == "block" else "upsamplers.0."
+            key = f"decoder.up_blocks.{levels - 1 - int(m[1])}.{kind}{m[3]}"
+        if ".mid_block.attentions.0.to_" in key and value.ndim == 4:
+            value = value[:, :, 0, 0]
+        out[key] = value
+    return out
+
+
+_OPENCLIP_RENAMES = [
+    (r"^token_embedding\.", "embeddings.token_embedding."),
+    (r"^positional_embedding$", "embeddings.position_embedding.weight"),
+    (r"^ln_final\.", "final_layer_norm."),
+    (r"^transformer\.resblocks\.(\d+)\.ln_1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"^transformer\.resblocks\.(\d+)\.ln_2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"^transformer\.resblocks\.(\d+)\.attn\.out_proj\.", r"encoder.layers.\1.self_attn.out_proj."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_fc\.", r"encoder.layers.\1.mlp.fc1."),
+    (r"^transformer\.resblocks\.(\d+)\.mlp\.c_proj\.", r"encoder.layers.\1.mlp.fc2."),
+]
+# OpenCLIP tensors SD does not use: the image-text projection and temperature.
+OPENCLIP_UNUSED = ("text_projection", "logit_scale")
+
+
+def convert_openclip(tensors, num_layers):
+    """OpenCLIP ``cond_stage_model.model.*`` keys -> our CLIP keys; the fused in_proj split into q/k/v.
+
+    Layers from ``num_layers`` on are dropped: SD 2.x uses the penultimate layer's output.
+    """
+    out = {}
+    for key, value in tensors.items():
+        if key in OPENCLIP_UNUSED:
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.", key)
+        if m and int(m[1]) >= num_layers:
+            continue
+        if m := re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+            for name, part in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+                out[f"encoder.layers.{m[1]}.self_attn.{name}.{m[2]}"] = part
+            continue
+        for pattern, replacement in _OPENCLIP_RENAMES:
+            key = re.sub(pattern, replacement, key)
+        out[key] = value
+    return out
+
+
+def split_original(tensors, use_ema=False):
+    """An original single file's tensors, grouped by network: {"unet", "vae", "clip" or "openclip"}.
+
+    With ``use_ema`` the UNet weights come from ``model_ema.*`` where the file
+    has them; the default, as in diffusers' single-file loader, is the non-EMA
+    weights (files named ``*-emaonly`` hold the EMA weights there). Keys of no
+    network (optimizer state, ``alphas_cumprod``, ...) are dropped.
+    """
+    groups = {"unet": {}, "vae": {}, "clip": {}, "openclip": {}}
+    prefixes = {ORIGINAL_UNET_PREFIX: "unet", ORIGINAL_VAE_PREFIX: "vae",
+                ORIGINAL_CLIP_PREFIX: "clip", ORIGINAL_OPENCLIP_PREFIX: "openclip"}
+    for key, value in tensors.items():
+        for prefix, group in prefixes.items():
+            if key.startswith(prefix):
+                groups[group][key[len(prefix):]] = value
+    if use_ema:
+        # model_ema keys are the UNet keys with the dots removed after "diffusion_model".
+        ema = {key[len(ORIGINAL_EMA_PREFIX):]: v for key, v in tensors.items() if key.startswith(ORIGINAL_EMA_PREFIX + "diffusion_model")}
+        if ema:
+            by_flat_name = {k.replace(".", ""): k for k in groups["unet"]}
+            for flat, value in ema.items():
+                name = by_flat_name.get(flat[len("diffusion_model"):])
+                if name is not None:
+                    groups["unet"][name] = value
+    if not groups["unet"] or not groups["vae"] or not (groups["clip"] or groups["openclip"]):
+        found = sorted({key.split(".")[0] for key in tensors})[:10]
+        raise CheckpointError(
+            "not an original Stable Diffusion checkpoint: expected model.diffusion_model.*, first_stage_model.* "
+            f"and cond_stage_model.* keys, found top-level names {found}"
+        )
+    return groups
