@@ -141,7 +141,8 @@ class CLIPTokenizer:
     def from_pretrained(cls, folder: str | Path) -> CLIPTokenizer:
         """Load a transformers/diffusers `tokenizer/` folder.
 
-        Reads vocab.json and merges.txt if present (else uses the shipped vocabulary), the pad token
+        Reads vocab.json and merges.txt, else tokenizer.json, if present (else uses the shipped
+        vocabulary), the pad token
         from special_tokens_map.json or else tokenizer_config.json, and `model_max_length` from
         tokenizer_config.json.
         """
@@ -156,6 +157,10 @@ class CLIPTokenizer:
             if lines[0].startswith("#version"):
                 lines = lines[1:]
             merges = [tuple(line.split()) for line in lines if line.strip()]
+        elif (folder / "tokenizer.json").exists():  # transformers >= 5 saves only the fast tokenizer file
+            model = _read_json(folder / "tokenizer.json")["model"]
+            vocab = model["vocab"]
+            merges = [tuple(pair) if isinstance(pair, list) else tuple(pair.split()) for pair in model["merges"]]
 
         config = _read_json(folder / "tokenizer_config.json")
         pad_token = _read_json(folder / "special_tokens_map.json").get("pad_token") or config.get("pad_token")
