@@ -120,11 +120,23 @@ class Downsample(keras.layers.Layer):
 
 
 class Upsample(keras.layers.Layer):
-    """Nearest-neighbour 2x upsampling, then a 3x3 convolution (``upsamplers.0.conv``)."""
+    """Nearest-neighbour upsampling, then a 3x3 convolution (``upsamplers.0.conv``).
+
+    Upsamples 2x, or to the spatial size of ``size_like`` (the UNet's next skip
+    connection, which is not exactly 2x when the latent side is not a multiple
+    of 2**levels), picking source pixel floor(i * in / out) as torch's
+    ``F.interpolate(mode="nearest")`` does.
+    """
 
     def __init__(self, channels, **kwargs):
         super().__init__(**kwargs)
         self.conv = keras.layers.Conv2D(channels, 3, padding="same", name="conv")
 
-    def call(self, x):
-        return self.conv(ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2))
+    def call(self, x, size_like=None):
+        if size_like is None:
+            x = ops.repeat(ops.repeat(x, 2, axis=1), 2, axis=2)
+        else:
+            for axis in (1, 2):
+                size_in, size_out = ops.shape(x)[axis], ops.shape(size_like)[axis]
+                x = ops.take(x, (ops.arange(size_out) * size_in) // size_out, axis=axis)
+        return self.conv(x)

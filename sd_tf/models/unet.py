@@ -230,7 +230,7 @@ class UNet(keras.Model):
                 if block_type == ATTENTION_UP_BLOCK:
                     x = transformer(channels, up_heads[i], f"up_blocks.{i}.attentions.{j}")(x, context)
             if i < last:
-                x = Upsample(channels, name=f"up_blocks.{i}.upsamplers.0")(x)
+                x = Upsample(channels, name=f"up_blocks.{i}.upsamplers.0")(x, skips[-1])
 
         x = keras.layers.GroupNormalization(c.norm_num_groups, epsilon=c.norm_eps, name="conv_norm_out")(x)
         x = keras.layers.Activation("silu")(x)
