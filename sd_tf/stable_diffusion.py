@@ -15,6 +15,7 @@ from sd_tf import weights
 from sd_tf.config import StableDiffusionConfig, preset, read_config_folder
 from sd_tf.images import load_image, to_uint8
 from sd_tf.models import TextEncoder, UNet, VAEDecoder, VAEEncoder
+from sd_tf.pretrained import resolve_model
 from sd_tf.samplers import make_sampler
 from sd_tf.tokenizer import CLIPTokenizer
 
@@ -97,7 +98,7 @@ class StableDiffusion:
     @classmethod
     def from_pretrained(cls, path, *, config=None, use_ema=False, variant=None, prediction_type=None,
                         dtype="float32", compile="auto", strategy=None):
-        """Loads a diffusers folder or an original single ``.safetensors``/``.ckpt`` file.
+        """Loads a diffusers folder, an original single ``.safetensors``/``.ckpt`` file, or a shipped model by name.
 
         ``config`` (single files only) is a preset name or a diffusers folder of
         config files; by default the preset is detected from the tensors.
@@ -106,13 +107,11 @@ class StableDiffusion:
         in a folder. ``prediction_type`` overrides the scheduler config's.
         ``dtype``, ``compile`` and ``strategy`` are as in ``__init__``.
         """
-        path = Path(path)
+        path = resolve_model(path)
         if path.is_dir():
             sd_config, tensors, tokenizer = cls._read_folder(path, variant)
         elif path.suffix in SINGLE_FILE_SUFFIXES:
             sd_config, tensors, tokenizer = cls._read_single_file(path, config, use_ema)
-        elif not path.exists():
-            raise FileNotFoundError(f"{path}: no such model folder or checkpoint file")
         else:
             raise ValueError(f"{path}: not a diffusers folder nor a {'/'.join(SINGLE_FILE_SUFFIXES)} file")
         if prediction_type is not None:
@@ -136,7 +135,10 @@ class StableDiffusion:
 
     @staticmethod
     def _read_single_file(path, config, use_ema):
-        groups = weights.split_original(weights.read_checkpoint(path), use_ema=use_ema)
+        try:
+            groups = weights.split_original(weights.read_checkpoint(path), use_ema=use_ema)
+        except weights.CheckpointError as error:
+            raise weights.CheckpointError(str(error) if str(path) in str(error) else f"{path}: {error}") from None
         if config is None:
             sd_config = preset(detect_preset(groups))
         elif Path(config).is_dir():
@@ -155,19 +157,32 @@ class StableDiffusion:
         return sd_config, tensors, None
 
     def load_tensors(self, tensors):
-        """Assigns {"text_encoder", "unet", "vae"} tensor dicts (diffusers keys), all or nothing per network."""
+        """Assigns {"text_encoder", "unet", "vae"} tensor dicts (diffusers keys), all or nothing.
+
+        Every network is checked before any variable is assigned; the problems
+        of all of them are reported in one ``CheckpointError``.
+        """
+        assignments, problems = [], []
         for name, models in (
             ("text_encoder", [self.text_encoder]),
             ("unet", [self.unet]),
             ("vae", [self.vae_encoder, self.vae_decoder]),
         ):
+            if name not in tensors:
+                problems.append(f"{name}: no tensors given")
+                continue
             try:
-                weights.load_weights(models, tensors[name])
+                assignments += weights.match_weights(models, tensors[name])
             except weights.CheckpointError as error:
-                raise weights.CheckpointError(f"{name}: {error}") from None
+                problems.append(f"{name}: {error}")
+        if problems:
+            raise weights.CheckpointError("\n".join(problems))
+        weights.assign_weights(assignments)
 
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, dtype="float32"):
         """Writes the diffusers folder layout; diffusers' ``StableDiffusionPipeline`` loads it.
+
+        ``dtype`` "float16" stores the weights in half precision (half the size).
 
         The folder is written beside the target and moved into place at the end,
         so an interrupted save leaves any earlier folder at ``path`` intact.
@@ -193,10 +208,14 @@ class StableDiffusion:
                 (staging / name).mkdir()
                 (staging / name / config_name).write_text(json.dumps(config, indent=2))
                 if tensors is not None:
+                    tensors = {key: value.astype(dtype) for key, value in tensors.items()}
                     save_file(tensors, str(staging / name / weights_name), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(staging / "tokenizer")
             model_index = {
                 "_class_name": pipeline,
+                # The folder layout written (to_q/to_k/... attention names) is diffusers >= 0.14's;
+                # diffusers reads this version (e.g. to tell the inpainting pipeline from its legacy one).
+                "_diffusers_version": "0.30.0",
                 "scheduler": ["diffusers", scheduler.get("_class_name", "PNDMScheduler")],
                 "text_encoder": ["transformers", "CLIPTextModel"],
                 "tokenizer": ["transformers", "CLIPTokenizer"],
@@ -210,7 +229,11 @@ class StableDiffusion:
             if path.exists():
                 old = path.with_name(staging.name + ".old")
                 path.rename(old)
-                staging.rename(path)
+                try:
+                    staging.rename(path)
+                except BaseException:
+                    old.rename(path)  # put the earlier folder back
+                    raise
                 shutil.rmtree(old)
             else:
                 staging.rename(path)
@@ -284,8 +307,7 @@ class StableDiffusion:
 
         Raises FloatingPointError if any value is not finite, rather than return a black image.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
+        check_output_type(output_type)
         latents = tf.convert_to_tensor(latents, tf.float32)
         images = np.asarray(self._vae_decode(latents / self.config.vae.scaling_factor), np.float32)
         if not np.isfinite(images).all():
@@ -307,6 +329,7 @@ class StableDiffusion:
         draws its noise from seed ``seed + i``. ``scheduler``: a sampler name
         (default: the checkpoint's scheduler); ``eta`` for "ddim".
         """
+        check_output_type(output_type)
         job = self._prepare(prompt, negative_prompt, height, width, batch_size, seed, scheduler, eta, guidance_scale)
         sampler = job.sampler
         sampler.set_timesteps(num_steps)
@@ -328,6 +351,7 @@ class StableDiffusion:
         image noised to that level. ``noise`` replaces the random noise added
         at the starting step. Encoding uses the VAE posterior mean.
         """
+        check_output_type(output_type)
         pixels = load_image(image)
         job = self._prepare(prompt, negative_prompt, pixels.shape[0], pixels.shape[1], batch_size, seed,
                             scheduler, eta, guidance_scale)
@@ -352,6 +376,7 @@ class StableDiffusion:
         With ``keep_unmasked`` the original pixels outside the mask are pasted
         back after decoding.
         """
+        check_output_type(output_type)
         pixels, mask = load_image(image), load_image(mask, mode="L")
         if mask.shape != pixels.shape[:2]:
             raise ValueError(f"mask size {mask.shape[::-1]} differs from image size {pixels.shape[1::-1]}")
@@ -468,6 +493,12 @@ class StableDiffusion:
 
 
 OUTPUT_TYPES = ("uint8", "float")
+
+
+def check_output_type(output_type):
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, not {output_type!r}")
+
 # diffusers scheduler classes -> sampler names.
 _SAMPLER_OF_SCHEDULER = {
     "DDIMScheduler": "ddim", "PNDMScheduler": "pndm", "LMSDiscreteScheduler": "lms",

@@ -57,6 +57,42 @@ def attention(q, k, v, num_heads, upcast=False, causal=False):
     return ops.reshape(out, (-1, ops.shape(out)[1], channels))
 
 
+class GroupNorm(keras.layers.Layer):
+    """Group normalization of NHWC tensors (torch's ``nn.GroupNorm``), optionally followed by SiLU.
+
+    Statistics are per-channel reductions over the pixels, then summed per group
+    (two passes, in float32): several times faster on CPU than reducing over
+    (pixels, channels-in-group) at once as ``keras.layers.GroupNormalization`` does.
+    """
+
+    def __init__(self, groups, epsilon=1e-5, silu=False, **kwargs):
+        super().__init__(**kwargs)
+        self.groups, self.epsilon, self.silu = groups, epsilon, silu
+
+    def build(self, input_shape):
+        channels = input_shape[-1]
+        self.gamma = self.add_weight(shape=(channels,), initializer="ones", name="gamma")
+        self.beta = self.add_weight(shape=(channels,), initializer="zeros", name="beta")
+
+    def call(self, x):
+        shape, channels = ops.shape(x), x.shape[-1]
+        per_group = channels // self.groups
+        flat = ops.reshape(ops.cast(x, "float32"), (shape[0], -1, channels))
+        count = ops.cast(ops.shape(flat)[1] * per_group, "float32")
+
+        def group_mean(per_channel_sum):  # (B, C) -> (B, 1, C): each channel gets its group's mean
+            sums = ops.sum(ops.reshape(per_channel_sum, (-1, self.groups, per_group)), axis=-1)
+            return ops.repeat(sums / count, per_group, axis=-1)[:, None, :]
+
+        centered = flat - group_mean(ops.sum(flat, axis=1))
+        variance = group_mean(ops.sum(ops.square(centered), axis=1))
+        scale = ops.rsqrt(variance + self.epsilon) * ops.cast(self.gamma, "float32")
+        y = centered * scale + ops.cast(self.beta, "float32")
+        if self.silu:
+            y = ops.silu(y)
+        return ops.cast(ops.reshape(y, shape), self.compute_dtype)
+
+
 class Attention(keras.layers.Layer):
     """diffusers ``Attention``: to_q/to_k/to_v projections, heads, to_out.0."""
 
@@ -83,10 +119,10 @@ class ResnetBlock(keras.layers.Layer):
     def __init__(self, channels, groups=32, eps=1e-5, time_embedding=False, **kwargs):
         super().__init__(**kwargs)
         self.channels = channels
-        self.norm1 = keras.layers.GroupNormalization(groups, epsilon=eps, name="norm1")
+        self.norm1 = GroupNorm(groups, eps, silu=True, name="norm1")
         self.conv1 = keras.layers.Conv2D(channels, 3, padding="same", name="conv1")
         self.time_emb_proj = keras.layers.Dense(channels, name="time_emb_proj") if time_embedding else None
-        self.norm2 = keras.layers.GroupNormalization(groups, epsilon=eps, name="norm2")
+        self.norm2 = GroupNorm(groups, eps, silu=True, name="norm2")
         self.conv2 = keras.layers.Conv2D(channels, 3, padding="same", name="conv2")
 
     def build(self, x_shape, time_embedding_shape=None):
@@ -96,10 +132,10 @@ class ResnetBlock(keras.layers.Layer):
             self.conv_shortcut = keras.layers.Conv2D(self.channels, 1, name="conv_shortcut")
 
     def call(self, x, time_embedding=None):
-        h = self.conv1(ops.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x))
         if self.time_emb_proj is not None:
             h = h + self.time_emb_proj(ops.silu(time_embedding))[:, None, None, :]
-        h = self.conv2(ops.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h))
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(x)
         return shortcut + h
 

@@ -11,7 +11,7 @@ import math
 import keras
 from keras import ops
 
-from sd_tf.models.layers import Attention, Downsample, ResnetBlock, Upsample
+from sd_tf.models.layers import Attention, Downsample, GroupNorm, ResnetBlock, Upsample
 
 ATTENTION_DOWN_BLOCK = "CrossAttnDownBlock2D"
 PLAIN_DOWN_BLOCK = "DownBlock2D"
@@ -151,7 +151,7 @@ class SpatialTransformer(keras.layers.Layer):
     def __init__(self, channels, num_heads, groups, depth, linear_projection, upcast, **kwargs):
         super().__init__(**kwargs)
         self.linear_projection = linear_projection
-        self.norm = keras.layers.GroupNormalization(groups, epsilon=TRANSFORMER_NORM_EPS, name="norm")
+        self.norm = GroupNorm(groups, TRANSFORMER_NORM_EPS, name="norm")
         project = (lambda name: keras.layers.Dense(channels, name=name)) if linear_projection else (
             lambda name: keras.layers.Conv2D(channels, 1, name=name)
         )
@@ -232,8 +232,7 @@ class UNet(keras.Model):
             if i < last:
                 x = Upsample(channels, name=f"up_blocks.{i}.upsamplers.0")(x, skips[-1])
 
-        x = keras.layers.GroupNormalization(c.norm_num_groups, epsilon=c.norm_eps, name="conv_norm_out")(x)
-        x = keras.layers.Activation("silu")(x)
+        x = GroupNorm(c.norm_num_groups, c.norm_eps, silu=True, name="conv_norm_out")(x)
         x = keras.layers.Conv2D(c.out_channels, 3, padding="same", name="conv_out")(x)
         super().__init__([latents, timestep, context], x, name=name, **kwargs)
         self.config = config

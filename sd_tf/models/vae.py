@@ -11,7 +11,7 @@ import dataclasses
 import keras
 from keras import ops
 
-from sd_tf.models.layers import Attention, Downsample, ResnetBlock, Upsample
+from sd_tf.models.layers import Attention, Downsample, GroupNorm, ResnetBlock, Upsample
 
 # Stable Diffusion 1.x/2.x latents are the VAE's latents times this.
 SD_LATENT_SCALING_FACTOR = 0.18215
@@ -67,7 +67,7 @@ class PixelSelfAttention(Attention):
 
     def __init__(self, channels, groups, **kwargs):
         super().__init__(channels, num_heads=1, qkv_bias=True, upcast=True, **kwargs)
-        self.group_norm = keras.layers.GroupNormalization(groups, epsilon=VAE_NORM_EPS, name="group_norm")
+        self.group_norm = GroupNorm(groups, VAE_NORM_EPS, name="group_norm")
 
     def call(self, x):
         _, height, width, channels = ops.shape(x)
@@ -88,11 +88,6 @@ class MidBlock(keras.layers.Layer):
         return self.resnet_1(self.attention(self.resnet_0(x)))
 
 
-def _output_stage(x, config, prefix):
-    x = keras.layers.GroupNormalization(config.norm_num_groups, epsilon=VAE_NORM_EPS, name=f"{prefix}.conv_norm_out")(x)
-    return keras.layers.Activation("silu")(x)
-
-
 class VAEEncoder(keras.Model):
     """Images (B, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent_channels)."""
 
@@ -107,7 +102,7 @@ class VAEEncoder(keras.Model):
             if i < last:
                 x = Downsample(channels, ((0, 1), (0, 1)), name=f"encoder.down_blocks.{i}.downsamplers.0")(x)
         x = MidBlock(c.block_out_channels[-1], c.norm_num_groups, name="encoder.mid_block")(x)
-        x = _output_stage(x, c, "encoder")
+        x = GroupNorm(c.norm_num_groups, VAE_NORM_EPS, silu=True, name="encoder.conv_norm_out")(x)
         x = keras.layers.Conv2D(2 * c.latent_channels, 3, padding="same", name="encoder.conv_out")(x)
         moments = keras.layers.Conv2D(2 * c.latent_channels, 1, name="quant_conv", dtype="float32")(x)
         mean, logvar = ops.split(moments, 2, axis=-1)
@@ -131,7 +126,7 @@ class VAEDecoder(keras.Model):
                 x = ResnetBlock(channels, c.norm_num_groups, VAE_NORM_EPS, name=f"decoder.up_blocks.{i}.resnets.{j}")(x)
             if i < last:
                 x = Upsample(channels, name=f"decoder.up_blocks.{i}.upsamplers.0")(x)
-        x = _output_stage(x, c, "decoder")
+        x = GroupNorm(c.norm_num_groups, VAE_NORM_EPS, silu=True, name="decoder.conv_norm_out")(x)
         x = keras.layers.Conv2D(c.out_channels, 3, padding="same", name="decoder.conv_out", dtype="float32")(x)
         super().__init__(latents, x, name=name, **kwargs)
         self.config = config
