@@ -43,10 +43,10 @@ def tiny_config():
         text_encoder=CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                                     num_attention_heads=4, hidden_act="quick_gelu"),
         unet=UNetConfig(
-            sample_size=16, block_out_channels=(64, 128, 128), layers_per_block=1,
+            sample_size=16, block_out_channels=(32, 64, 128), layers_per_block=1,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=4, cross_attention_dim=64, norm_num_groups=16,
+            attention_head_dim=4, cross_attention_dim=64, norm_num_groups=8,
         ),
         vae=VAEConfig(block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=8,
                       sample_size=shapes.IMAGE_SIZE),
@@ -149,6 +149,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--examples", type=int, default=20000, help="training images encoded for the UNet stage")
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="stop the UNet stage early after this many minutes (the EMA weights are saved)")
     args = parser.parse_args(argv)
 
     keras.utils.set_random_seed(args.seed)
@@ -167,6 +169,9 @@ def main(argv=None):
         if i % 50 == 0 or i == args.unet_steps or i == 10:
             print(f"unet step {i}/{args.unet_steps}: loss {metrics['loss']:.4f} grad norm {metrics['grad_norm']:.3f} "
                   f"lr {metrics['learning_rate']:.2e} ({time.time() - start:.0f}s)", flush=True)
+            if args.minutes is not None and time.time() - start > 60 * args.minutes:
+                print(f"time budget of {args.minutes} minutes reached at step {i}", flush=True)
+                break
     trainer.swap_ema()
     model.save_pretrained(args.output, dtype="float16")
     print(f"saved {args.output}")
