@@ -58,7 +58,15 @@ def compiled(function, mode):
 
 def detect_preset(groups):
     """The preset name that fits an original single file's tensors (see ``weights.split_original``)."""
-    in_channels = groups["unet"]["input_blocks.0.0.weight"].shape[1]
+    conv_in = groups["unet"].get("input_blocks.0.0.weight")
+    if conv_in is None or conv_in.ndim != 4:
+        raise weights.CheckpointError("cannot detect the model: no UNet input convolution (input_blocks.0.0.weight)")
+    in_channels = conv_in.shape[1]
+    if in_channels not in (4, 9):
+        raise weights.CheckpointError(
+            f"no preset for a UNet with {in_channels} input channels (4: text-to-image, 9: inpainting); "
+            "pass config= a diffusers folder of config files"
+        )
     inpaint = "-inpaint" if in_channels == 9 else ""
     if groups["openclip"]:
         return "sd-v2" + (inpaint or "")
@@ -389,8 +397,10 @@ class StableDiffusion:
         noise = self._initial_noise(job, noise, image_latents.shape)
         if strength == 1.0:
             latents = noise * sampler.init_noise_sigma
-        else:
+        elif start < len(sampler.timesteps):
             latents = sampler.add_noise(image_latents, noise, start)
+        else:  # strength too low for any step, as in image_to_image
+            latents = image_latents
         f = self.vae_factor
         latent_mask = tf.constant(np.repeat(mask[None, ::f, ::f, None], job.batch, axis=0))
         if self.config.unet.in_channels == 9:

@@ -25,18 +25,65 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------
 
 
-def read_safetensors(path):
-    """All tensors of a ``.safetensors`` file, as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load
+# safetensors dtype names -> numpy element types.
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": "bfloat16",
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+# A header larger than this is not a checkpoint's (real ones are well under 1 MB).
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
 
+
+def _bfloat16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def read_safetensors(path):
+    """All tensors of a ``.safetensors`` file, as numpy arrays (bf16 as ml_dtypes.bfloat16).
+
+    Parsed here rather than by ``safetensors.numpy``, which cannot read bf16:
+    an 8-byte little-endian header size, a JSON header of
+    ``{name: {dtype, shape, data_offsets}}``, then the tensor bytes.
+    """
     try:
         data = Path(path).read_bytes()
-        return load(data)
-    except (SafetensorError, ValueError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
-    except Exception as error:  # safetensors raises bare exceptions for some corruptions
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot read ({error})") from error
+
+    def bad(problem):
+        return CheckpointError(f"{path}: not a readable safetensors file ({problem})")
+
+    if len(data) < 8:
+        raise bad(f"only {len(data)} bytes")
+    header_size = int.from_bytes(data[:8], "little")
+    if header_size > min(_MAX_SAFETENSORS_HEADER, len(data) - 8):
+        raise bad(f"header size {header_size} does not fit a file of {len(data)} bytes; truncated or not safetensors")
+    try:
+        header = json.loads(data[8 : 8 + header_size])
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad(f"header is not JSON: {error}") from error
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    buffer = memoryview(data)[8 + header_size :]
+    tensors = {}
+    for name, record in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = _SAFETENSORS_DTYPES[record["dtype"]]
+            dtype = _bfloat16() if dtype == "bfloat16" else np.dtype(dtype)
+            shape = tuple(int(n) for n in record["shape"])
+            begin, end = (int(n) for n in record["data_offsets"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise bad(f"tensor {name!r} has a malformed or unsupported record {record!r}") from error
+        if end > len(buffer):
+            raise bad(f"tensor {name!r} ends at byte {end} of a {len(buffer)}-byte data section; the file is truncated")
+        if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != int(np.prod(shape)) * dtype.itemsize:
+            raise bad(f"tensor {name!r}: {end - begin} bytes do not hold shape {shape} of {record['dtype']}")
+        tensors[name] = np.frombuffer(buffer[begin:end], dtype=dtype).reshape(shape)
+    return tensors
 
 
 # torch storage classes a checkpoint may name, and their element types.
@@ -49,9 +96,21 @@ _TORCH_STORAGES = {
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
+    """torch's ``_rebuild_tensor_v2``: a strided view of a storage, checked to lie inside it, copied."""
+    if not isinstance(storage, np.ndarray):
+        raise CheckpointError(f"tensor record without a storage ({type(storage).__name__})")
+    size, stride = tuple(size), tuple(stride)
+    numbers = (offset, *size, *stride)
+    if len(size) != len(stride) or not all(type(n) is int and n >= 0 for n in numbers):
+        raise CheckpointError(f"malformed tensor record: offset {offset!r}, size {size!r}, stride {stride!r}")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= storage.size:
+        raise CheckpointError(f"tensor record reaches element {last} of a storage of {storage.size} elements")
     itemsize = storage.dtype.itemsize
     return np.lib.stride_tricks.as_strided(
-        storage[offset:], shape=tuple(size), strides=tuple(s * itemsize for s in stride)
+        storage[offset:], shape=size, strides=tuple(s * itemsize for s in stride)
     ).copy()
 
 
@@ -59,40 +118,84 @@ def _rebuild_parameter(tensor, *unused):
     return tensor
 
 
+class _TrainingState:
+    """Stands in for a training-time class (e.g. Lightning's ``ModelCheckpoint``) named in a checkpoint.
+
+    Real SD 1.x ``.ckpt`` files key their ``callbacks`` entry by such a class.
+    Nothing is imported or run: the stand-in only absorbs constructor arguments and state.
+    """
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+# Modules whose classes are training metadata, never tensors: unpickled as ``_TrainingState``.
+_TRAINING_MODULES = ("pytorch_lightning.callbacks.", "lightning.pytorch.callbacks.")
+
+
+def _numpy_scalar(dtype, data):
+    """numpy's ``multiarray.scalar`` for plain numeric types (e.g. a callback's ``best_model_score``)."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise CheckpointError(f"refusing numpy scalar record of dtype {dtype!r}")
+    return np.frombuffer(data, dtype=dtype)[0]
+
+
+def _latin1_encode(text, encoding="latin1"):
+    """``_codecs.encode`` as protocol-2 pickles use it: the bytes of a latin-1 string."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise CheckpointError(f"refusing _codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles torch's ``data.pkl`` allowing only tensor records and plain containers."""
+    """Unpickles torch's ``data.pkl`` allowing only tensor records, plain containers and numbers.
+
+    Every global a pickle names is looked up here and nowhere else; anything not
+    listed (``os.system``, ``builtins.eval``, ...) is refused before it can run.
+    """
 
     _ALLOWED = {
         ("collections", "OrderedDict"): dict,
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+        ("numpy", "dtype"): np.dtype,
+        ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+        ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+        ("_codecs", "encode"): _latin1_encode,
     }
 
     def __init__(self, file, archive, prefix):
         super().__init__(file)
         self.archive, self.prefix = archive, prefix
+        self.storages = {}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED:
             return self._ALLOWED[(module, name)]
         if module == "torch" and name in _TORCH_STORAGES:
             dtype = _TORCH_STORAGES[name]
-            if dtype == "bfloat16":
-                import ml_dtypes
-
-                dtype = ml_dtypes.bfloat16
-            return np.dtype(dtype)
+            return _bfloat16() if dtype == "bfloat16" else np.dtype(dtype)
+        if module.startswith(_TRAINING_MODULES):
+            return _TrainingState
         raise CheckpointError(
             f"refusing to unpickle {module}.{name}: a checkpoint may hold only tensors and plain "
             "containers (convert it to .safetensors if it is trusted)"
         )
 
     def persistent_load(self, pid):
-        kind, dtype, key, _location, _numel = pid
-        if kind != "storage":
-            raise CheckpointError(f"unknown persistent record {kind!r}")
-        raw = self.archive.read(f"{self.prefix}data/{key}")
-        return np.frombuffer(raw, dtype=dtype)
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise CheckpointError(f"unknown persistent record {pid!r:.80}")
+        _kind, dtype, key, _location, _numel = pid
+        if not isinstance(dtype, np.dtype) or dtype.hasobject:
+            raise CheckpointError(f"storage record {key!r} has no tensor element type ({dtype!r:.80})")
+        if (key, dtype) not in self.storages:
+            raw = self.archive.read(f"{self.prefix}data/{key}")
+            self.storages[key, dtype] = np.frombuffer(raw, dtype=dtype, count=len(raw) // dtype.itemsize)
+        return self.storages[key, dtype]
 
 
 def read_ckpt(path):
@@ -104,14 +207,19 @@ def read_ckpt(path):
         with zipfile.ZipFile(path) as archive:
             pickles = [name for name in archive.namelist() if name.endswith("data.pkl")]
             if len(pickles) != 1:
-                raise CheckpointError(f"{path}: not a PyTorch zip checkpoint (no data.pkl)")
+                raise CheckpointError("not a PyTorch zip checkpoint (no single data.pkl inside)")
             prefix = pickles[0][: -len("data.pkl")]
             with archive.open(pickles[0]) as file:
                 obj = _RestrictedUnpickler(file, archive, prefix).load()
-    except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError, ValueError, TypeError) as error:
-        if isinstance(error, CheckpointError):
-            raise CheckpointError(f"{path}: {error}") from None
-        raise CheckpointError(f"{path}: corrupt or unsupported PyTorch checkpoint ({error})") from error
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    except zipfile.BadZipFile as error:
+        raise CheckpointError(
+            f"{path}: not a PyTorch zip checkpoint ({error}): a truncated download, or a legacy "
+            "(torch < 1.6) file, which cannot be read safely"
+        ) from error
+    except Exception as error:  # any other failure of the archive or the pickle stream
+        raise CheckpointError(f"{path}: corrupt PyTorch checkpoint ({type(error).__name__}: {error})") from error
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
@@ -131,27 +239,49 @@ def read_checkpoint(path):
     raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r} (use .safetensors or .ckpt)")
 
 
+# Weights files of a component folder, by the stem of their safetensors name:
+# transformers names its PyTorch pickles ``pytorch_model.bin``, diffusers keeps the stem.
+_BIN_STEMS = {"model": "pytorch_model"}
+
+
+def _component_files(stem, suffix, variant):
+    """(single file name, shard index name) as transformers / diffusers write them.
+
+    The variant goes before the suffix of a single file (``model.fp16.safetensors``)
+    and before ``.json`` of an index (``model.safetensors.index.fp16.json``).
+    """
+    if variant:
+        return f"{stem}.{variant}.{suffix}", f"{stem}.{suffix}.index.{variant}.json"
+    return f"{stem}.{suffix}", f"{stem}.{suffix}.index.json"
+
+
 def read_component(folder, stem, variant=None):
     """The tensors of one diffusers component folder (``stem`` is e.g. ``diffusion_pytorch_model``).
 
-    Takes ``stem.safetensors``, else ``stem.fp16.safetensors`` (or the given
-    ``variant``), sharded or not, else the same as ``.bin``.
+    Takes ``stem.safetensors``, else ``stem.fp16.safetensors`` (or only the given
+    ``variant``), single or sharded with an index, else the same as PyTorch ``.bin``.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such component folder")
     variants = [variant] if variant else [None, "fp16"]
-    for suffix in ("safetensors", "bin"):
+    for suffix, file_stem in (("safetensors", stem), ("bin", _BIN_STEMS.get(stem, stem))):
         for v in variants:
-            name = f"{stem}.{v}.{suffix}" if v else f"{stem}.{suffix}"
+            name, index_name = _component_files(file_stem, suffix, v)
             if (folder / name).is_file():
                 return read_checkpoint(folder / name)
-            index = folder / f"{name}.index.json"
+            index = folder / index_name
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+                    raise CheckpointError(f"{index}: not a shard index with a weight_map ({error!r})") from error
                 tensors = {}
                 for shard in shards:
                     tensors.update(read_checkpoint(folder / shard))
                 return tensors
-    raise CheckpointError(f"{folder}: no {stem}[.fp16].safetensors/.bin weights found")
+    wanted = f"{stem}.{variant}" if variant else f"{stem}[.fp16]"
+    raise CheckpointError(f"{folder}: no {wanted}.safetensors (single or sharded) or .bin weights found")
 
 
 # ----------------------------------------------------------------------------
@@ -197,11 +327,11 @@ def checkpoint_shape(variable):
     return shape
 
 
-def load_weights(models, tensors):
-    """Assigns every variable of ``models`` from ``tensors`` (diffusers keys), all or nothing.
+def match_weights(models, tensors):
+    """The (variable, value) assignments that load ``tensors`` (diffusers keys) into ``models``.
 
     Every missing, unexpected and mis-shaped tensor is reported in one
-    ``CheckpointError``; no variable is touched unless all of them fit.
+    ``CheckpointError``; nothing is assigned here.
     """
     assignments, missing, misshaped = [], [], []
     used = set()
@@ -223,8 +353,22 @@ def load_weights(models, tensors):
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             report += [f"  {title}: {key}" for key in keys]
         raise CheckpointError("\n".join(report))
+    return assignments
+
+
+def assign_weights(assignments):
+    """Assigns the values of ``match_weights``, converted to each variable's dtype."""
     for variable, value in assignments:
         variable.assign(np.asarray(value, dtype=np.float32).astype(variable.dtype))
+
+
+def load_weights(models, tensors):
+    """Assigns every variable of ``models`` from ``tensors`` (diffusers keys), all or nothing.
+
+    Every missing, unexpected and mis-shaped tensor is reported in one
+    ``CheckpointError``; no variable is touched unless all of them fit.
+    """
+    assign_weights(match_weights(models, tensors))
 
 
 def model_tensors(models):
