@@ -136,6 +136,41 @@ class CLIPTokenizer:
         self.pad_token_id = self._encoder[pad_token]
         self.max_length = max_length
         self.vocab_size = len(self._encoder)
+        # Added tokens (textual inversion): cleaned text -> id, and the text as given.
+        self._added: dict[str, int] = {}
+        self._added_content: dict[int, str] = {}
+        self._added_split = None
+
+    def add_token(self, token: str, token_id: int | None = None) -> int:
+        """Make `token` one indivisible token (e.g. a textual-inversion placeholder); returns its id.
+
+        The new id is the next free one (`vocab_size` before the call). encode() finds the token
+        anywhere in the cleaned (lower-cased) text before splitting words, as transformers does for
+        added tokens; save_pretrained() writes it as an added token, which transformers' CLIPTokenizer
+        and from_pretrained() load. A token that is already in the vocabulary is refused.
+        """
+        key = clean_text(token)
+        if not key or " " in key:
+            raise ValueError(f"an added token must be one non-empty word, not {token!r}")
+        if key in self._encoder:
+            raise ValueError(f"{token!r} is already a token of the vocabulary; pick another (e.g. <{key}>)")
+        token_id = max(self._decoder) + 1 if token_id is None else int(token_id)
+        if token_id in self._decoder:
+            raise ValueError(f"token id {token_id} is taken by {self._decoder[token_id]!r}")
+        self._encoder[key] = token_id
+        self._decoder[token_id] = key
+        self._added[key] = token_id
+        self._added_content[token_id] = token
+        self._added_split = regex.compile(
+            "(" + "|".join(regex.escape(t) for t in sorted(self._added, key=len, reverse=True)) + ")"
+        )
+        self.vocab_size = len(self._encoder)
+        return token_id
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        """Added tokens as given to add_token() -> their ids."""
+        return {content: token_id for token_id, content in self._added_content.items()}
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> CLIPTokenizer:
@@ -166,18 +201,28 @@ class CLIPTokenizer:
         pad_token = _read_json(folder / "special_tokens_map.json").get("pad_token") or config.get("pad_token")
         if isinstance(pad_token, dict):
             pad_token = pad_token["content"]
-        return cls(
+        tokenizer = cls(
             vocab,
             merges,
             pad_token=pad_token or END_TOKEN,
             max_length=int(config.get("model_max_length", MAX_LENGTH)),
         )
+        # Added tokens beyond the vocabulary: tokenizer_config.json's added_tokens_decoder, else
+        # added_tokens.json, else tokenizer.json's added_tokens.
+        added = {int(i): entry["content"] for i, entry in config.get("added_tokens_decoder", {}).items()}
+        added = added or {int(i): content for content, i in _read_json(folder / "added_tokens.json").items()}
+        if not added and (folder / "tokenizer.json").exists():
+            added = {int(entry["id"]): entry["content"] for entry in _read_json(folder / "tokenizer.json").get("added_tokens", [])}
+        for token_id, content in sorted(added.items()):
+            if content not in tokenizer._encoder and clean_text(content) not in tokenizer._encoder:
+                tokenizer.add_token(content, token_id)
+        return tokenizer
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write vocab.json, merges.txt, special_tokens_map.json and tokenizer_config.json as transformers does."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "vocab.json", self._encoder)
+        _write_json(folder / "vocab.json", {t: i for t, i in self._encoder.items() if t not in self._added})
         merges_lines = [MERGES_HEADER, *(" ".join(pair) for pair in self._merges)]
         (folder / "merges.txt").write_text("\n".join(merges_lines) + "\n", encoding="utf-8", newline="\n")
         special_tokens = {
@@ -188,6 +233,13 @@ class CLIPTokenizer:
         }
         _write_json(folder / "special_tokens_map.json", special_tokens)
         config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.max_length, **special_tokens}
+        if self._added_content:
+            config["added_tokens_decoder"] = {
+                str(token_id): {"content": content, "lstrip": False, "normalized": True, "rstrip": False,
+                                "single_word": False, "special": False}
+                for token_id, content in sorted(self._added_content.items())
+            }
+            _write_json(folder / "added_tokens.json", self.added_tokens)
         _write_json(folder / "tokenizer_config.json", config)
 
     def _bpe(self, word: str) -> tuple[str, ...]:
@@ -205,19 +257,34 @@ class CLIPTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, without start and end tokens."""
         ids = []
-        for piece in _SPLIT.findall(clean_text(text)):
-            if piece in (START_TOKEN, END_TOKEN):
-                ids.append(self._encoder[piece])
+        text = clean_text(text)
+        segments = self._added_split.split(text) if self._added_split else [text]
+        for segment in segments:
+            if segment in self._added:
+                ids.append(self._added[segment])
                 continue
-            word = "".join(self._byte_encoder[byte] for byte in piece.encode("utf-8"))
-            ids.extend(self._encoder[token] for token in self._bpe(word))
+            for piece in _SPLIT.findall(segment):
+                if piece in (START_TOKEN, END_TOKEN):
+                    ids.append(self._encoder[piece])
+                    continue
+                word = "".join(self._byte_encoder[byte] for byte in piece.encode("utf-8"))
+                ids.extend(self._encoder[token] for token in self._bpe(word))
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of `ids`, skipping start and end tokens; each `</w>` becomes a space, as in OpenAI's decoder."""
         specials = (self.start_token_id, self.end_token_id)
-        chars = "".join(self._decoder[int(token_id)] for token_id in ids if token_id not in specials)
-        data = bytes(self._byte_decoder[char] for char in chars)
+        pieces, run = [], []  # added tokens are text; runs of other tokens are byte-encoded
+        for token_id in (int(i) for i in ids if i not in specials):
+            if token_id in self._added_content:
+                pieces += [self._decode_bytes(run), self._added_content[token_id] + " "]
+                run = []
+            else:
+                run.append(self._decoder[token_id])
+        return "".join(pieces + [self._decode_bytes(run)])
+
+    def _decode_bytes(self, tokens: list[str]) -> str:
+        data = bytes(self._byte_decoder[char] for char in "".join(tokens))
         return data.decode("utf-8", errors="replace").replace(WORD_END, " ")
 
     def __call__(
