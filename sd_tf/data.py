@@ -254,18 +254,6 @@ class TrainingData:
         return self.elements(tf.data.Dataset.range(start, np.iinfo(np.int64).max))
 
 
-def folder_dataset(folder, tokenizer, resolution, latent_shape, *, seed=0, start=0, random_crop=False,
-                   flip=False, num_train_timesteps=1000):
-    """The endless per-element stream of a caption folder, from global index ``start``.
-
-    Elements: ``pixels`` (resolution², 3) in [-1, 1], ``token_ids`` (77,) and the
-    ``diffusion_noise`` fields. Returns (dataset, number of skipped files).
-    """
-    data = TrainingData(folder, tokenizer, resolution, latent_shape, seed=seed, random_crop=random_crop,
-                        flip=flip, num_train_timesteps=num_train_timesteps)
-    return data.stream(start), data.skipped
-
-
 def distributed_batches(elements, batch_size, strategy, start_step=0):
     """An iterator over the global batches of steps ``start_step, start_step + 1, ...``, distributed.
 

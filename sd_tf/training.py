@@ -331,12 +331,6 @@ class Trainer:
         return tf.train.Checkpoint(**parts)
 
 
-def global_batches(dataset, batch_size, strategy):
-    """Batches the per-element stream and distributes it over the strategy's replicas."""
-    dataset = dataset.batch(batch_size, drop_remainder=True).prefetch(2)
-    return iter(strategy.experimental_distribute_dataset(dataset))
-
-
 def parameter_count(variables):
     return int(sum(np.prod(v.shape) for v in variables))
 
