@@ -461,6 +461,72 @@ def test_non_finite_step_is_skipped_and_changes_nothing(trainer, training_data):
     assert any(not np.array_equal(b, v.numpy()) for b, v in zip(weights, trainer.trainable))
 
 
+def eager_trainer(nano, dtype="float32", **settings):
+    """A fresh eager Trainer on the untrained nano weights."""
+    from sd_tf.stable_diffusion import StableDiffusion
+    from sd_tf.training import Trainer, TrainConfig
+
+    model = StableDiffusion.from_pretrained(nano, dtype=dtype, compile="eager")
+    config = TrainConfig(**{"batch_size": 4, "max_grad_norm": MAX_GRAD_NORM, "ema_decay": None, **settings})
+    return Trainer(model, config)
+
+
+def test_gradient_accumulation_equals_the_whole_batch_at_once(nano, training_data):
+    """Two micro-batches of 2 give the loss and gradients of one batch of 4."""
+    batch = take_batch(training_data, 6, size=4)
+    loss, grads = eager_trainer(nano)._gradients(batch)
+    accumulated_loss, accumulated = eager_trainer(nano, grad_accum=2)._gradients(batch)
+    assert float(accumulated_loss) == pytest.approx(float(loss), rel=1e-6)
+    for g, a in zip(grads, accumulated):
+        np.testing.assert_allclose(a.numpy(), g.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_mixed_float16_loss_scaling(nano, training_data):
+    """Gradients are unscaled before clipping; overflows halve the scale and skip; good steps grow it."""
+    from sd_tf.training import INITIAL_LOSS_SCALE, LOSS_SCALE_GROWTH_STEPS
+
+    trainer = eager_trainer(nano, dtype="mixed_float16")
+    assert all(v.dtype == "float32" for v in trainer.trainable)
+    assert float(trainer.loss_scale.numpy()) == INITIAL_LOSS_SCALE
+    batch = take_batch(training_data, 8, size=4)
+    _, reference_grads = eager_trainer(nano)._gradients(batch)
+    _, grads = trainer._gradients(batch)
+    error = global_norm([g.numpy() - r.numpy() for g, r in zip(grads, reference_grads)])
+    assert error < 0.02 * global_norm([r.numpy() for r in reference_grads])  # unscaled: float32's within fp16 error
+
+    # An outlier batch overflows float16 at the initial scale: skipped steps, each halving the scale,
+    # until the scaled gradients fit; then the unscaled gradient is clipped to max_grad_norm.
+    batch["noise"] = batch["noise"] * 100.0
+    _, reference_grads = eager_trainer(nano)._gradients(batch)
+    raw_norm = global_norm([r.numpy() for r in reference_grads])
+    assert raw_norm > 10 * MAX_GRAD_NORM
+    weights = snapshot(trainer.trainable)
+    scale, skipped = INITIAL_LOSS_SCALE, 0
+    while True:
+        momentums_before = snapshot(trainer.optimizer._momentums)
+        metrics = trainer.train_step(batch)
+        if metrics["finite"]:
+            break
+        scale, skipped = scale / 2, skipped + 1
+        assert metrics["loss_scale"] == scale and metrics["skipped_steps"] == skipped
+        assert int(trainer.optimizer.iterations.numpy()) == 0
+        for before, variable in zip(weights, trainer.trainable):
+            np.testing.assert_array_equal(before, variable.numpy())
+    assert skipped >= 1 and metrics["loss_scale"] == scale
+    assert metrics["grad_norm"] == pytest.approx(raw_norm, rel=0.02)
+    assert metrics["clipped_grad_norm"] == pytest.approx(MAX_GRAD_NORM, rel=1e-5)
+    beta_1 = trainer.config.adam_beta_1
+    applied = [(after - beta_1 * before) / (1 - beta_1)
+               for before, after in zip(momentums_before, snapshot(trainer.optimizer._momentums))]
+    assert global_norm(applied) == pytest.approx(MAX_GRAD_NORM, rel=1e-4)
+
+    # Growth: the scale doubles after LOSS_SCALE_GROWTH_STEPS finite steps in a row.
+    trainer.good_steps.assign(LOSS_SCALE_GROWTH_STEPS - 2)
+    assert trainer.train_step(batch)["loss_scale"] == scale
+    assert trainer.train_step(batch)["loss_scale"] == 2 * scale
+    assert int(trainer.good_steps.numpy()) == 0
+
+
 # ----------------------------------------------------------------------------
 # Checkpoint safety and the latent cache
 # ----------------------------------------------------------------------------
