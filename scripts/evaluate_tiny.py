@@ -45,6 +45,15 @@ def generate_batch(model, prompts, seeds, steps, guidance):
     return model.text_to_image(prompts, num_steps=steps, guidance_scale=guidance, latents=latents)
 
 
+def splits(per_split):
+    """``per_split`` held-out combinations, evenly spread over the list, and as many seen ones drawn at random."""
+    spread = np.linspace(0, len(shapes.HELD_OUT) - 1, per_split).round().astype(int)
+    held_out = [shapes.HELD_OUT[i] for i in spread]
+    rng = np.random.default_rng(0)
+    seen = [shapes.TRAIN_COMBINATIONS[i] for i in rng.choice(len(shapes.TRAIN_COMBINATIONS), per_split, replace=False)]
+    return held_out, seen
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny-shapes")
@@ -57,9 +66,7 @@ def main(argv=None):
     from sd_tf import StableDiffusion
 
     model = StableDiffusion.from_pretrained(args.model)
-    rng = np.random.default_rng(0)
-    held_out = list(shapes.HELD_OUT)[: args.per_split]
-    seen = [shapes.TRAIN_COMBINATIONS[i] for i in rng.choice(len(shapes.TRAIN_COMBINATIONS), args.per_split, replace=False)]
+    held_out, seen = splits(args.per_split)
     seeds = list(range(args.seeds))
     print("| split | images | background | shape colour | shape |")
     print("|---|---|---|---|---|")

@@ -164,13 +164,13 @@ def check(args, parser):
         parser.error("with --prompts-file, --output must be a folder")
 
 
-def generate(model, job, args, images_done, progress):
-    """Runs one job; returns the images (uint8) and the seeds used."""
+def generate(model, job, args, indices, progress):
+    """Images ``indices`` of ``job`` (image i uses seed + i); returns the images (uint8) and their seeds."""
     seed = job["seed"] if job["seed"] is not None else int(np.random.default_rng().integers(2**31 - 1000))
     common = dict(negative_prompt=job["negative_prompt"] or None, num_steps=job["steps"],
-                  guidance_scale=job["guidance"], scheduler=job["sampler"], seed=seed, callback=progress)
+                  guidance_scale=job["guidance"], scheduler=job["sampler"], callback=progress)
     images = []
-    for i in range(job["num_images"]):  # one at a time, so the progress bar counts images
+    for i in indices:  # one at a time, so the progress bar counts images
         progress.next_image()
         common["seed"] = seed + i
         if args.init_image and args.mask:
@@ -181,7 +181,7 @@ def generate(model, job, args, images_done, progress):
                                                strength=0.8 if args.strength is None else args.strength, **common)[0])
         else:
             images.append(model.text_to_image(job["prompt"], height=job["height"], width=job["width"], **common)[0])
-    return images, [seed + i for i in range(job["num_images"])]
+    return images, [seed + i for i in indices]
 
 
 def output_paths(args, job, count):
@@ -203,29 +203,37 @@ def run(args, parser):
     check(args, parser)
     jobs = read_prompts_file(args.prompts_file, args) if args.prompts_file else [
         {**{key: getattr(args, key) for key in PER_LINE_SETTINGS}, "line": 1}]
-    if args.init_image:
+    if args.init_image:  # unreadable or mismatched images fail before the model loads
         from sd_tf.images import load_image
 
-        load_image(args.init_image)  # unreadable images fail before the model loads
+        image = load_image(args.init_image)
+        if args.mask and load_image(args.mask, mode="L").shape != image.shape[:2]:
+            raise UsageError(f"--mask {args.mask} is not the size of --init-image {args.init_image} "
+                             f"({image.shape[1]}x{image.shape[0]})")
     try:
         model = StableDiffusion.from_pretrained(args.model, dtype=args.dtype, compile=args.compile)
     except (FileNotFoundError, ValueError, CheckpointError) as error:
         raise UsageError(str(error)) from None
     model_name = Path(args.model).stem if Path(args.model).suffix else Path(args.model).name
-    todo = [(job, output_paths(args, job, job["num_images"])) for job in jobs]
-    if args.prompts_file:  # a rerun resumes: lines whose images all exist are done
-        todo = [(job, paths) for job, paths in todo if not all(p.exists() and not args.overwrite for p in paths)]
-    progress = Progress(sum(job["num_images"] for job, _ in todo), enabled=not args.no_progress)
+    todo = []  # (job, indices of its images to make, their paths)
+    for job in jobs:
+        paths = output_paths(args, job, job["num_images"])
+        indices = list(range(job["num_images"]))
+        if args.prompts_file and not args.overwrite:  # a rerun resumes: images already written are done
+            indices = [i for i in indices if not paths[i].exists()]
+        if indices:
+            todo.append((job, indices, [paths[i] for i in indices]))
+    progress = Progress(sum(len(indices) for _, indices, _ in todo), enabled=not args.no_progress)
     written = []
-    for job, paths in todo:
+    for job, indices, paths in todo:
         paths[0].parent.mkdir(parents=True, exist_ok=True)
-        images, seeds = generate(model, job, args, len(written), progress)
+        images, seeds = generate(model, job, args, indices, progress)
         height, width = images[0].shape[:2]
         for image, seed, path in zip(images, seeds, paths):
             text = parameters_text(job["prompt"], job["negative_prompt"], job["steps"],
                                    job["sampler"] or model.make_sampler().name, job["guidance"], seed, width, height,
                                    model_name)
-            written.append(write_png(image, path, text, overwrite=args.overwrite or bool(args.prompts_file)))
+            written.append(write_png(image, path, text, overwrite=args.overwrite))
     for path in written:
         print(path)
     return written

@@ -49,6 +49,31 @@ def resolve_compile(mode):
     return mode
 
 
+def connect_tpu():
+    """A ``TPUStrategy`` on the attached TPU; ValueError when there is none.
+
+    Finds a TPU named by TPU_NAME or Colab's environment, else a TPU VM's own
+    chips (``/dev/accel*`` or ``/dev/vfio``).
+    """
+    try:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+    except ValueError:
+        if not (list(Path("/dev").glob("accel*")) or list(Path("/dev/vfio").glob("[0-9]*"))):
+            raise ValueError("no TPU found (no TPU_NAME, no Colab TPU, no local TPU chips)") from None
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver("local")
+    tf.config.experimental_connect_to_cluster(resolver)
+    tf.tpu.experimental.initialize_tpu_system(resolver)
+    return tf.distribute.TPUStrategy(resolver)
+
+
+def tpu_or_default_strategy():
+    """``TPUStrategy`` when a TPU is attached, else the current strategy (one device by default)."""
+    try:
+        return connect_tpu()
+    except ValueError:
+        return tf.distribute.get_strategy()
+
+
 def compiled(function, mode):
     """``function`` as a tf.function (with XLA for "xla"), or itself for "eager"."""
     if mode == "eager":

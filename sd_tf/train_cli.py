@@ -121,10 +121,9 @@ def make_strategy(name):
         return tf.distribute.MirroredStrategy([device.name for device in devices])
     if name == "multiworker":
         return tf.distribute.MultiWorkerMirroredStrategy()
-    resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-    tf.config.experimental_connect_to_cluster(resolver)
-    tf.tpu.experimental.initialize_tpu_system(resolver)
-    return tf.distribute.TPUStrategy(resolver)
+    from sd_tf.stable_diffusion import connect_tpu
+
+    return connect_tpu()
 
 
 def check_resolution(sd_config, resolution):
