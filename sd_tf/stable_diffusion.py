@@ -22,6 +22,7 @@ from sd_tf.tokenizer import CLIPTokenizer
 DTYPES = ("float32", "mixed_float16", "mixed_bfloat16")
 COMPILE_MODES = ("auto", "xla", "graph", "eager")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+VAE_TILE_OVERLAP = 0.25  # the fraction of a VAE decoder tile shared with each neighbour, blended linearly
 
 
 @contextlib.contextmanager
@@ -81,6 +82,49 @@ def compiled(function, mode):
     return tf.function(function, jit_compile=mode == "xla")
 
 
+def tiled_decode(decode, latents, tile_size, factor):
+    """``decode`` applied to overlapping ``tile_size``² tiles of ``latents``, blended into one image.
+
+    Memory is bounded by one tile. Neighbouring tiles share VAE_TILE_OVERLAP of
+    a tile; across the shared band each tile's weight ramps linearly, so tile
+    edges leave no seam. All tiles have one shape (the last row and column
+    are shifted inwards), so a compiled ``decode`` is traced once.
+    """
+    _, height, width, _ = latents.shape
+    overlap = max(1, int(tile_size * VAE_TILE_OVERLAP))
+    stride = tile_size - overlap
+
+    def starts(size):
+        if size <= tile_size:
+            return [0]
+        return sorted({*range(0, size - tile_size, stride), size - tile_size})
+
+    def ramp(start, length, size):
+        """Blend weights (length * factor,) of a tile at ``start``: rising over the band shared with a
+        tile before it, falling over the band shared with a tile after it."""
+        weight = np.ones(length * factor, np.float32)
+        band = (np.arange(overlap * factor, dtype=np.float32) + 0.5) / (overlap * factor)
+        if start > 0:
+            weight[:band.size] = band
+        if start + length < size:
+            weight[-band.size:] = np.minimum(weight[-band.size:], band[::-1])
+        return weight
+
+    images = weights = None
+    for top in starts(height):
+        for left in starts(width):
+            tile = latents[:, top:top + tile_size, left:left + tile_size]
+            decoded = np.asarray(decode(tile), np.float32)
+            if images is None:
+                images = np.zeros((decoded.shape[0], height * factor, width * factor, decoded.shape[-1]), np.float32)
+                weights = np.zeros((1, height * factor, width * factor, 1), np.float32)
+            mask = np.outer(ramp(top, tile.shape[1], height), ramp(left, tile.shape[2], width))[None, :, :, None]
+            window = np.s_[:, top * factor:top * factor + decoded.shape[1], left * factor:left * factor + decoded.shape[2]]
+            images[window] += decoded * mask
+            weights[window] += mask
+    return images / weights
+
+
 def detect_preset(groups):
     """The preset name that fits an original single file's tensors (see ``weights.split_original``)."""
     conv_in = groups["unet"].get("input_blocks.0.0.weight")
@@ -116,6 +160,8 @@ class StableDiffusion:
         self.strategy = strategy or tf.distribute.get_strategy()
         self.tokenizer = tokenizer or CLIPTokenizer()
         self.tokenizer.pad_token_id = config.pad_token_id
+        # Latents larger than this (in latent pixels) are decoded in overlapping tiles; None: never.
+        self.vae_tile_size = None
         with self.strategy.scope():
             with dtype_policy(dtype):
                 self.text_encoder = TextEncoder(config.text_encoder)
@@ -341,8 +387,11 @@ class StableDiffusion:
         Raises FloatingPointError if any value is not finite, rather than return a black image.
         """
         check_output_type(output_type)
-        latents = tf.convert_to_tensor(latents, tf.float32)
-        images = np.asarray(self._vae_decode(latents / self.config.vae.scaling_factor), np.float32)
+        latents = tf.convert_to_tensor(latents, tf.float32) / self.config.vae.scaling_factor
+        if self.vae_tile_size is not None and max(latents.shape[1:3]) > self.vae_tile_size:
+            images = tiled_decode(self._vae_decode, latents, self.vae_tile_size, self.vae_factor)
+        else:
+            images = np.asarray(self._vae_decode(latents), np.float32)
         if not np.isfinite(images).all():
             raise FloatingPointError("the decoded images hold NaN or infinite values (try dtype='float32')")
         images = np.clip(images / 2 + 0.5, 0.0, 1.0)

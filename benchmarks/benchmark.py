@@ -1,0 +1,282 @@
+"""sd_tf against diffusers on this machine: full SD 1.5 architecture, random weights, one markdown table.
+
+    python benchmarks/benchmark.py            # every row (about an hour on 2 CPU cores)
+    python benchmarks/benchmark.py --quick    # only the 256 px rows
+
+Needs the test extra (torch, diffusers, transformers). Both libraries get the
+same random weights (a diffusers folder made once under --cache), the same
+inputs and the same number of threads. Rows of single networks run in this
+process, interleaved (sd_tf, diffusers, sd_tf, ...), reporting the median of
+--repeats runs after one warm-up run. The generation rows (cold start, then a
+whole image with 25 dpmpp_2m steps) run each library in a fresh process,
+which also gives its peak memory (RSS). GFLOP/s divides the FLOPs torch's
+FlopCounterMode counts for diffusers' network by each library's time.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PROMPT = "a photograph of an astronaut riding a horse"
+GENERATION_STEPS = 25
+TORCH_MODES = {"float32": "float32", "mixed_bfloat16": "bfloat16 weights"}
+
+
+def timed(function, repeats):
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_gb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# ----------------------------------------------------------------------------
+# The shared random-weight checkpoint
+# ----------------------------------------------------------------------------
+
+
+def make_checkpoint(folder):
+    """A random-weight SD 1.5 diffusers folder (sd_tf's "sd-v1" preset), written once."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTokenizer as HFTokenizer
+
+    from sd_tf.config import preset
+    from sd_tf.tokenizer import CLIPTokenizer
+
+    config = preset("sd-v1")
+    torch.manual_seed(0)
+    CLIPTokenizer().save_pretrained(folder.parent / "tokenizer-source")
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(config.vae.to_dict()),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**config.text_encoder.to_dict())),
+        tokenizer=HFTokenizer.from_pretrained(folder.parent / "tokenizer-source"),
+        unet=UNet2DConditionModel.from_config(config.unet.to_dict()),
+        scheduler=DPMSolverMultistepScheduler.from_config(config.scheduler, algorithm_type="dpmsolver++"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# ----------------------------------------------------------------------------
+# Single networks, in this process
+# ----------------------------------------------------------------------------
+
+
+class Networks:
+    """Both libraries' networks on one checkpoint, and their inputs."""
+
+    def __init__(self, folder, threads):
+        import numpy as np
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from sd_tf.stable_diffusion import StableDiffusion
+
+        torch.set_num_threads(threads)
+        self.np, self.torch = np, torch
+        self.sd_tf = {dtype: StableDiffusion.from_pretrained(folder, dtype=dtype)
+                      for dtype in ("float32", "mixed_bfloat16")}
+        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
+        self.torch_unet = {"float32": unet, "mixed_bfloat16": UNet2DConditionModel.from_pretrained(
+            folder / "unet", torch_dtype=torch.bfloat16).eval()}
+        self.torch_vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
+        self.torch_text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
+        self.token_ids = np.asarray(self.sd_tf["float32"].tokenizer([PROMPT, ""]), np.int32)
+        self.context = np.random.default_rng(1).standard_normal((2, 77, 768)).astype(np.float32)
+
+    def latents(self, side, channels=4):
+        return self.np.random.default_rng(0).standard_normal((2, side, side, channels)).astype(self.np.float32)
+
+    def unet_step(self, side, dtype, mode):
+        """(sd_tf call, diffusers call, diffusers FLOPs) of one CFG-batch UNet step."""
+        import tensorflow as tf
+
+        model = self.sd_tf[dtype]
+        latents, timestep = self.latents(side), self.np.full((2,), 500.0, self.np.float32)
+
+        def call(x, t, c):
+            return model.unet([x, t, c], training=False)
+
+        fn = call if mode == "eager" else tf.function(call, jit_compile=mode == "xla")
+        args = [tf.constant(latents), tf.constant(timestep), tf.constant(self.context)]
+        ours = lambda: fn(*args).numpy()  # noqa: E731
+        torch_dtype = self.torch.float32 if dtype == "float32" else self.torch.bfloat16
+        unet = self.torch_unet[dtype]
+        inputs = [self.torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous().to(torch_dtype),
+                  self.torch.from_numpy(timestep), self.torch.from_numpy(self.context).to(torch_dtype)]
+
+        def theirs():
+            with self.torch.no_grad():
+                unet(*inputs).sample.float().numpy()
+
+        return ours, theirs, self.flops(lambda: unet(*inputs))
+
+    def vae_decode(self, side):
+        import tensorflow as tf
+
+        model = self.sd_tf["float32"]
+        latents = self.latents(side)[:1]
+        decode = tf.function(lambda x: model.vae_decoder(x, training=False))
+        ours = lambda: decode(tf.constant(latents)).numpy()  # noqa: E731
+        x = self.torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous()
+
+        def theirs():
+            with self.torch.no_grad():
+                self.torch_vae.decode(x).sample.numpy()
+
+        return ours, theirs, self.flops(lambda: self.torch_vae.decode(x))
+
+    def text_encode(self):
+        import tensorflow as tf
+
+        model = self.sd_tf["float32"]
+        encode = tf.function(lambda ids: model.text_encoder(ids, training=False))
+        ours = lambda: encode(tf.constant(self.token_ids)).numpy()  # noqa: E731
+        ids = self.torch.from_numpy(self.token_ids.astype(self.np.int64))
+
+        def theirs():
+            with self.torch.no_grad():
+                self.torch_text(ids).last_hidden_state.numpy()
+
+        return ours, theirs, self.flops(lambda: self.torch_text(ids))
+
+    def flops(self, forward):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with self.torch.no_grad(), FlopCounterMode(display=False) as counter:
+            forward()
+        return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------
+# Whole generations, each in a fresh process
+# ----------------------------------------------------------------------------
+
+
+def generation_worker(library, folder, side, dtype, threads):
+    """Cold start (build, load, first UNet step compiled) and one whole image; prints a JSON result line."""
+    import numpy as np
+
+    start = time.perf_counter()
+    latents = np.random.default_rng(0).standard_normal((1, side // 8, side // 8, 4)).astype(np.float32)
+    if library == "sd_tf":
+        from sd_tf.stable_diffusion import StableDiffusion
+
+        model = StableDiffusion.from_pretrained(folder, dtype=dtype)
+        model.text_to_image(PROMPT, num_steps=1, latents=latents)  # builds and compiles
+        cold = time.perf_counter() - start
+        start = time.perf_counter()
+        model.text_to_image(PROMPT, num_steps=GENERATION_STEPS, latents=latents, scheduler="dpmpp_2m")
+    else:
+        import torch
+        from diffusers import StableDiffusionPipeline
+
+        torch.set_num_threads(threads)
+        pipe = StableDiffusionPipeline.from_pretrained(
+            folder, torch_dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+        pipe.set_progress_bar_config(disable=True)
+        torch_latents = torch.from_numpy(latents).permute(0, 3, 1, 2).to(pipe.unet.dtype)
+        with torch.no_grad():
+            pipe(PROMPT, num_inference_steps=1, latents=torch_latents, height=side, width=side)
+            cold = time.perf_counter() - start
+            start = time.perf_counter()
+            pipe(PROMPT, num_inference_steps=GENERATION_STEPS, latents=torch_latents, height=side, width=side)
+    print("RESULT " + json.dumps({"cold": cold, "image": time.perf_counter() - start, "rss": peak_rss_gb()}),
+          flush=True)
+
+
+def generation(library, folder, side, dtype, threads):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    result = subprocess.run([sys.executable, __file__, "--worker", library, "--cache", str(folder), "--side", str(side),
+                             "--dtype", dtype, "--threads", str(threads)],
+                            capture_output=True, text=True, env=env)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode or not lines:
+        raise RuntimeError(f"{library} generation failed:\n{result.stderr[-3000:]}")
+    return json.loads(lines[-1][7:])
+
+
+# ----------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------
+
+
+def row(name, mode, ours, theirs, theirs_mode, flops=None, rss=("", "")):
+    ratio = ours / theirs
+    rate = lambda seconds: f"{flops / seconds / 1e9:.0f}" if flops else ""  # noqa: E731
+    print(f"| {name} | {mode} | {ours:.3f} | {theirs:.3f} ({theirs_mode}) | {ratio:.2f} | "
+          f"{rate(ours)} / {rate(theirs)} | {rss[0]} / {rss[1]} |", flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="only the 256 px rows")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (TensorFlow uses every core)")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sd_tf_benchmark/sd15-random"))
+    parser.add_argument("--modes", default="eager,graph,xla", help="sd_tf compile modes of the UNet rows")
+    parser.add_argument("--worker", choices=("sd_tf", "diffusers"), help=argparse.SUPPRESS)
+    parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        return generation_worker(args.worker, args.cache, args.side, args.dtype, args.threads)
+
+    import platform
+
+    folder = make_checkpoint(args.cache)
+    sides = [256] if args.quick else [512, 256]
+    print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"torch threads {args.threads}, median of {args.repeats} after a warm-up\n")
+    print("| row | sd_tf mode | sd_tf s | diffusers s (mode) | ratio | GFLOP/s sd_tf / diffusers | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|")
+    nets = Networks(folder, args.threads)
+    for side in sides:
+        for dtype in ("float32", "mixed_bfloat16"):
+            theirs_time = None
+            for mode in args.modes.split(","):
+                ours, theirs, flops = nets.unet_step(side // 8, dtype, mode)
+                ours_time = timed(ours, args.repeats)
+                if theirs_time is None:
+                    theirs_time = timed(theirs, args.repeats)
+                row(f"UNet step, batch 2, {side // 8}x{side // 8} latent ({side} px)", f"{dtype} {mode}",
+                    ours_time, theirs_time, TORCH_MODES[dtype], flops)
+        ours, theirs, flops = nets.vae_decode(side // 8)
+        row(f"VAE decode to {side}x{side}", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats),
+            "float32", flops)
+    ours, theirs, flops = nets.text_encode()
+    row("text encoding, batch 2", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats), "float32",
+        flops)
+    del nets
+    side = sides[0]
+    for dtype in ("float32", "mixed_bfloat16"):
+        ours = generation("sd_tf", folder, side, dtype, args.threads)
+        theirs = generation("diffusers", folder, side, dtype, args.threads)
+        rss = (f"{ours['rss']:.1f}", f"{theirs['rss']:.1f}")
+        row(f"cold start: load, build, first step ({side} px)", f"{dtype} auto", ours["cold"], theirs["cold"],
+            TORCH_MODES[dtype], rss=rss)
+        row(f"whole image, {GENERATION_STEPS} dpmpp_2m steps ({side} px)", f"{dtype} auto", ours["image"],
+            theirs["image"], TORCH_MODES[dtype], rss=rss)
+
+
+if __name__ == "__main__":
+    main()
