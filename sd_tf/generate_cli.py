@@ -70,27 +70,27 @@ def write_png(image, path, parameters, overwrite=False):
 
 
 class Progress:
-    """A one-line progress bar with ETA on stderr, for steps within images."""
+    """A one-line progress bar with ETA on stderr, for steps within batches of images."""
 
     def __init__(self, total_images, enabled=True):
         self.total_images, self.enabled = total_images, enabled
-        self.image, self.start = 0, time.time()
+        self.done, self.batch, self.start = 0, 0, time.time()
 
-    def next_image(self):
-        self.image += 1
-        self.image_start = time.time()
+    def next_batch(self, size):
+        self.done += self.batch
+        self.batch = size
 
     def __call__(self, step, steps, latents):
         if not self.enabled:
             return
-        done = (self.image - 1 + step / steps) / self.total_images
+        fraction = (self.done + self.batch * step / steps) / self.total_images
         elapsed = time.time() - self.start
-        eta = elapsed / done * (1 - done) if done > 0 else 0.0
-        bar = "#" * int(30 * done)
-        sys.stderr.write(f"\r[{bar:<30}] image {self.image}/{self.total_images} step {step}/{steps} "
+        eta = elapsed / fraction * (1 - fraction) if fraction > 0 else 0.0
+        bar = "#" * int(30 * fraction)
+        sys.stderr.write(f"\r[{bar:<30}] images {self.done + self.batch}/{self.total_images} step {step}/{steps} "
                          f"ETA {eta:5.1f}s ")
         sys.stderr.flush()
-        if step == steps and self.image == self.total_images:
+        if step == steps and self.done + self.batch == self.total_images:
             sys.stderr.write("\n")
 
 
@@ -113,6 +113,8 @@ def build_parser():
     parser.add_argument("--mask", help="inpainting: white repaints, black keeps (needs --init-image)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "mixed_float16", "mixed_bfloat16"])
     parser.add_argument("--compile", default="auto", choices=["auto", "xla", "graph", "eager"])
+    parser.add_argument("--strategy", default="default", choices=["default", "mirrored", "tpu"],
+                        help="tf.distribute: the images of a prompt are split across the replicas")
     parser.add_argument("--output", default="outputs", help="a .png file, or a folder (default: outputs/)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing files instead of numbering new names")
     parser.add_argument("--prompts-file", help="one prompt per line, or JSON lines with per-line settings; "
@@ -164,23 +166,37 @@ def check(args, parser):
         parser.error("with --prompts-file, --output must be a folder")
 
 
+def runs(indices):
+    """Consecutive runs of sorted indices: [0, 1, 3] -> [[0, 1], [3]]."""
+    groups = []
+    for i in indices:
+        if groups and i == groups[-1][-1] + 1:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 def generate(model, job, args, indices, progress):
-    """Images ``indices`` of ``job`` (image i uses seed + i); returns the images (uint8) and their seeds."""
+    """Images ``indices`` of ``job`` (image i uses seed + i); returns the images (uint8) and their seeds.
+
+    Each run of consecutive indices is one batch, which the model's strategy splits across replicas.
+    """
     seed = job["seed"] if job["seed"] is not None else int(np.random.default_rng().integers(2**31 - 1000))
     common = dict(negative_prompt=job["negative_prompt"] or None, num_steps=job["steps"],
                   guidance_scale=job["guidance"], scheduler=job["sampler"], callback=progress)
     images = []
-    for i in indices:  # one at a time, so the progress bar counts images
-        progress.next_image()
-        common["seed"] = seed + i
+    for run in runs(indices):
+        progress.next_batch(len(run))
+        common.update(seed=seed + run[0], batch_size=len(run))
         if args.init_image and args.mask:
-            images.append(model.inpaint(job["prompt"], args.init_image, args.mask,
-                                        strength=1.0 if args.strength is None else args.strength, **common)[0])
+            images.extend(model.inpaint(job["prompt"], args.init_image, args.mask,
+                                        strength=1.0 if args.strength is None else args.strength, **common))
         elif args.init_image:
-            images.append(model.image_to_image(job["prompt"], args.init_image,
-                                               strength=0.8 if args.strength is None else args.strength, **common)[0])
+            images.extend(model.image_to_image(job["prompt"], args.init_image,
+                                               strength=0.8 if args.strength is None else args.strength, **common))
         else:
-            images.append(model.text_to_image(job["prompt"], height=job["height"], width=job["width"], **common)[0])
+            images.extend(model.text_to_image(job["prompt"], height=job["height"], width=job["width"], **common))
     return images, [seed + i for i in indices]
 
 
@@ -197,7 +213,7 @@ def output_paths(args, job, count):
 
 
 def run(args, parser):
-    from sd_tf.stable_diffusion import StableDiffusion
+    from sd_tf.stable_diffusion import StableDiffusion, make_strategy
     from sd_tf.weights import CheckpointError
 
     check(args, parser)
@@ -211,7 +227,8 @@ def run(args, parser):
             raise UsageError(f"--mask {args.mask} is not the size of --init-image {args.init_image} "
                              f"({image.shape[1]}x{image.shape[0]})")
     try:
-        model = StableDiffusion.from_pretrained(args.model, dtype=args.dtype, compile=args.compile)
+        model = StableDiffusion.from_pretrained(args.model, dtype=args.dtype, compile=args.compile,
+                                                strategy=make_strategy(args.strategy))
     except (FileNotFoundError, ValueError, CheckpointError) as error:
         raise UsageError(str(error)) from None
     model_name = Path(args.model).stem if Path(args.model).suffix else Path(args.model).name

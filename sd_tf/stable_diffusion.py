@@ -67,6 +67,21 @@ def connect_tpu():
     return tf.distribute.TPUStrategy(resolver)
 
 
+def make_strategy(name):
+    """The ``tf.distribute`` strategy of a command-line name: "default" (the current strategy),
+    "mirrored" (every local GPU, else every logical CPU device), "multiworker" (from TF_CONFIG), "tpu"."""
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([device.name for device in devices])
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        return connect_tpu()
+    raise ValueError(f"unknown strategy {name!r}")
+
+
 def tpu_or_default_strategy():
     """``TPUStrategy`` when a TPU is attached, else the current strategy (one device by default)."""
     try:

@@ -25,7 +25,6 @@ from pathlib import Path
 from sd_tf.pretrained import DEFAULT_MODEL
 
 MIXED_PRECISION = {"no": "float32", "fp16": "mixed_float16", "bf16": "mixed_bfloat16"}
-STRATEGIES = ("default", "mirrored", "multiworker", "tpu")
 FULL_FINE_TUNE_LR, TEXTUAL_INVERSION_LR = 1e-5, 5e-4
 DEFAULT_EMA_DECAY = 0.9999
 
@@ -100,7 +99,7 @@ def build_parser():
         help="compute each image's VAE posterior once (centre crop, no flip) into DIR and train from it")
     add("--compile", choices=("auto", "xla", "graph", "eager"), default="auto",
         help="the train step: XLA, a graph, or eager; auto = XLA on GPU/TPU, graph on CPU")
-    add("--strategy", choices=STRATEGIES, default="default",
+    add("--strategy", choices=("default", "mirrored", "multiworker", "tpu"), default="default",
         help="tf.distribute: one device, MirroredStrategy (local devices), "
              "MultiWorkerMirroredStrategy (TF_CONFIG), TPUStrategy")
     add("--log-every", type=_positive_int, default=1, help="steps between progress lines")
@@ -109,21 +108,6 @@ def build_parser():
 
 class UsageError(Exception):
     """A problem with the command line, the data or the model, found before training."""
-
-
-def make_strategy(name):
-    import tensorflow as tf
-
-    if name == "default":
-        return tf.distribute.get_strategy()
-    if name == "mirrored":  # every local GPU, else every (logical) CPU device
-        devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
-        return tf.distribute.MirroredStrategy([device.name for device in devices])
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    from sd_tf.stable_diffusion import connect_tpu
-
-    return connect_tpu()
 
 
 def check_resolution(sd_config, resolution):
@@ -224,7 +208,7 @@ def run(args):
     import tensorflow as tf
 
     from sd_tf import textual_inversion as ti
-    from sd_tf.stable_diffusion import StableDiffusion
+    from sd_tf.stable_diffusion import StableDiffusion, make_strategy
     from sd_tf.training import Trainer, export_model, fit, parameter_count
     from sd_tf.weights import CheckpointError
 
