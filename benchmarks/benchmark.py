@@ -95,16 +95,20 @@ class Networks:
         self.np, self.torch = np, torch
         self.sd_tf = {dtype: StableDiffusion.from_pretrained(folder, dtype=dtype)
                       for dtype in ("float32", "mixed_bfloat16")}
-        unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval()
-        self.torch_unet = {"float32": unet, "mixed_bfloat16": UNet2DConditionModel.from_pretrained(
-            folder / "unet", torch_dtype=torch.bfloat16).eval()}
-        self.torch_vae = AutoencoderKL.from_pretrained(folder / "vae").eval()
-        self.torch_text = CLIPTextModel.from_pretrained(folder / "text_encoder").eval()
-        self.token_ids = np.asarray(self.sd_tf["float32"].tokenizer([PROMPT, ""]), np.int32)
-        self.context = np.random.default_rng(1).standard_normal((2, 77, 768)).astype(np.float32)
+        self.torch_unet = {dtype: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch_dtype).eval()
+                           for dtype, torch_dtype in (("float32", torch.float32), ("mixed_bfloat16", torch.bfloat16))}
+        self.torch_vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval()
+        self.torch_text = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
+        model = self.sd_tf["float32"]
+        self.factor, self.channels = model.vae_factor, model.latent_channels
+        self.token_ids = np.asarray(model.tokenizer([PROMPT, ""]), np.int32)
+        width = model.config.unet.cross_attention_dim
+        self.context = np.random.default_rng(1).standard_normal((2, 77, width)).astype(np.float32)
 
-    def latents(self, side, channels=4):
-        return self.np.random.default_rng(0).standard_normal((2, side, side, channels)).astype(self.np.float32)
+    def latents(self, side):
+        """CFG-batch latents for ``side``-pixel images."""
+        side //= self.factor
+        return self.np.random.default_rng(0).standard_normal((2, side, side, self.channels)).astype(self.np.float32)
 
     def unet_step(self, side, dtype, mode):
         """(sd_tf call, diffusers call, diffusers FLOPs) of one CFG-batch UNet step."""
@@ -159,6 +163,28 @@ class Networks:
 
         return ours, theirs, self.flops(lambda: self.torch_text(ids))
 
+    def attention(self, tokens, heads=8, head_dim=40, use_keras=False):
+        """SD 1.5's first-level self-attention: sd_tf's (or keras.ops.dot_product_attention) and torch's SDPA."""
+        import keras
+        import tensorflow as tf
+
+        from sd_tf.models.layers import attention
+
+        q, k, v = (self.np.random.default_rng(i).standard_normal((2, tokens, heads * head_dim)).astype(self.np.float32)
+                   for i in range(3))
+        if use_keras:
+            split = lambda x: tf.reshape(x, (2, tokens, heads, head_dim))  # noqa: E731
+            fn = tf.function(lambda q, k, v: keras.ops.dot_product_attention(split(q), split(k), split(v)))
+        else:
+            fn = tf.function(lambda q, k, v: attention(q, k, v, heads))
+        ours = lambda: fn(q, k, v).numpy()  # noqa: E731
+        tq, tk, tv = (self.torch.from_numpy(x).view(2, tokens, heads, head_dim).transpose(1, 2) for x in (q, k, v))
+
+        def theirs():
+            self.torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).numpy()
+
+        return ours, theirs, self.flops(theirs)
+
     def flops(self, forward):
         from torch.utils.flop_counter import FlopCounterMode
 
@@ -177,24 +203,29 @@ def generation_worker(library, folder, side, dtype, threads):
     import numpy as np
 
     start = time.perf_counter()
-    latents = np.random.default_rng(0).standard_normal((1, side // 8, side // 8, 4)).astype(np.float32)
     if library == "sd_tf":
         from sd_tf.stable_diffusion import StableDiffusion
 
         model = StableDiffusion.from_pretrained(folder, dtype=dtype)
-        model.text_to_image(PROMPT, num_steps=1, latents=latents)  # builds and compiles
+        latents = np.random.default_rng(0).standard_normal(
+            (1, side // model.vae_factor, side // model.vae_factor, model.latent_channels)).astype(np.float32)
+        model.text_to_image(PROMPT, height=side, width=side, num_steps=1, latents=latents)  # builds and compiles
         cold = time.perf_counter() - start
         start = time.perf_counter()
-        model.text_to_image(PROMPT, num_steps=GENERATION_STEPS, latents=latents, scheduler="dpmpp_2m")
+        model.text_to_image(PROMPT, height=side, width=side, num_steps=GENERATION_STEPS, latents=latents,
+                            scheduler="dpmpp_2m")
     else:
         import torch
         from diffusers import StableDiffusionPipeline
 
         torch.set_num_threads(threads)
         pipe = StableDiffusionPipeline.from_pretrained(
-            folder, torch_dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
+            folder, dtype=torch.float32 if dtype == "float32" else torch.bfloat16)
         pipe.set_progress_bar_config(disable=True)
-        torch_latents = torch.from_numpy(latents).permute(0, 3, 1, 2).to(pipe.unet.dtype)
+        factor = pipe.vae_scale_factor
+        torch_latents = torch.from_numpy(np.random.default_rng(0).standard_normal(
+            (1, side // factor, side // factor, pipe.unet.config.in_channels)).astype(np.float32))
+        torch_latents = torch_latents.permute(0, 3, 1, 2).to(pipe.unet.dtype)
         with torch.no_grad():
             pipe(PROMPT, num_inference_steps=1, latents=torch_latents, height=side, width=side)
             cold = time.perf_counter() - start
@@ -206,7 +237,7 @@ def generation_worker(library, folder, side, dtype, threads):
 
 def generation(library, folder, side, dtype, threads):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    result = subprocess.run([sys.executable, __file__, "--worker", library, "--cache", str(folder), "--side", str(side),
+    result = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(folder), "--side", str(side),
                              "--dtype", dtype, "--threads", str(threads)],
                             capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -232,18 +263,21 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only the 256 px rows")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (TensorFlow uses every core)")
-    parser.add_argument("--cache", type=Path, default=Path("/tmp/sd_tf_benchmark/sd15-random"))
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sd_tf_benchmark/sd15-random"),
+                        help="where the random-weight SD 1.5 folder is made once")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="benchmark this diffusers folder instead (e.g. a downloaded SD 1.5)")
     parser.add_argument("--modes", default="eager,graph,xla", help="sd_tf compile modes of the UNet rows")
     parser.add_argument("--worker", choices=("sd_tf", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        return generation_worker(args.worker, args.cache, args.side, args.dtype, args.threads)
+        return generation_worker(args.worker, args.model, args.side, args.dtype, args.threads)
 
     import platform
 
-    folder = make_checkpoint(args.cache)
+    folder = args.model or make_checkpoint(args.cache)
     sides = [256] if args.quick else [512, 256]
     print(f"{time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"torch threads {args.threads}, median of {args.repeats} after a warm-up\n")
@@ -254,13 +288,20 @@ def main(argv=None):
         for dtype in ("float32", "mixed_bfloat16"):
             theirs_time = None
             for mode in args.modes.split(","):
-                ours, theirs, flops = nets.unet_step(side // 8, dtype, mode)
+                ours, theirs, flops = nets.unet_step(side, dtype, mode)
                 ours_time = timed(ours, args.repeats)
                 if theirs_time is None:
                     theirs_time = timed(theirs, args.repeats)
-                row(f"UNet step, batch 2, {side // 8}x{side // 8} latent ({side} px)", f"{dtype} {mode}",
+                latent = side // nets.factor
+                row(f"UNet step, batch 2, {latent}x{latent} latent ({side} px)", f"{dtype} {mode}",
                     ours_time, theirs_time, TORCH_MODES[dtype], flops)
-        ours, theirs, flops = nets.vae_decode(side // 8)
+        tokens = (side // nets.factor) ** 2
+        for use_keras in (False, True):
+            ours, theirs, flops = nets.attention(tokens, use_keras=use_keras)
+            row(f"self-attention, {tokens} tokens, 8 heads x 40, batch 2",
+                "keras dot_product_attention" if use_keras else "float32 sd_tf (query-chunked)",
+                timed(ours, args.repeats), timed(theirs, args.repeats), "torch SDPA", flops)
+        ours, theirs, flops = nets.vae_decode(side)
         row(f"VAE decode to {side}x{side}", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats),
             "float32", flops)
     ours, theirs, flops = nets.text_encode()
