@@ -25,7 +25,8 @@ from pathlib import Path
 
 PROMPT = "a photograph of an astronaut riding a horse"
 GENERATION_STEPS = 25
-TORCH_MODES = {"float32": "float32", "mixed_bfloat16": "bfloat16 weights"}
+# sd_tf dtype -> the diffusers mode it is compared with
+TORCH_MODES = {"float32": "float32", "mixed_bfloat16": "bfloat16 weights", "bfloat16": "bfloat16 weights"}
 
 
 def timed(function, repeats):
@@ -89,21 +90,27 @@ class Networks:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from sd_tf.stable_diffusion import StableDiffusion
-
         torch.set_num_threads(threads)
-        self.np, self.torch = np, torch
-        self.sd_tf = {dtype: StableDiffusion.from_pretrained(folder, dtype=dtype)
-                      for dtype in ("float32", "mixed_bfloat16")}
-        self.torch_unet = {dtype: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch_dtype).eval()
-                           for dtype, torch_dtype in (("float32", torch.float32), ("mixed_bfloat16", torch.bfloat16))}
+        self.np, self.torch, self.folder = np, torch, folder
+        self.loaded = (None, None)  # (dtype, StableDiffusion): one at a time, as each holds all the weights
+        self.torch_unet = {torch_dtype: UNet2DConditionModel.from_pretrained(folder / "unet", dtype=torch_dtype).eval()
+                           for torch_dtype in (torch.float32, torch.bfloat16)}
         self.torch_vae = AutoencoderKL.from_pretrained(folder / "vae", dtype=torch.float32).eval()
         self.torch_text = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=torch.float32).eval()
-        model = self.sd_tf["float32"]
+        model = self.sd_tf("float32")
         self.factor, self.channels = model.vae_factor, model.latent_channels
         self.token_ids = np.asarray(model.tokenizer([PROMPT, ""]), np.int32)
         width = model.config.unet.cross_attention_dim
         self.context = np.random.default_rng(1).standard_normal((2, 77, width)).astype(np.float32)
+
+    def sd_tf(self, dtype):
+        """sd_tf's model of the checkpoint in ``dtype`` (replacing the one loaded before)."""
+        from sd_tf.stable_diffusion import StableDiffusion
+
+        if self.loaded[0] != dtype:
+            self.loaded = (None, None)
+            self.loaded = (dtype, StableDiffusion.from_pretrained(self.folder, dtype=dtype))
+        return self.loaded[1]
 
     def latents(self, side):
         """CFG-batch latents for ``side``-pixel images."""
@@ -114,7 +121,7 @@ class Networks:
         """(sd_tf call, diffusers call, diffusers FLOPs) of one CFG-batch UNet step."""
         import tensorflow as tf
 
-        model = self.sd_tf[dtype]
+        model = self.sd_tf(dtype)
         latents, timestep = self.latents(side), self.np.full((2,), 500.0, self.np.float32)
 
         def call(x, t, c):
@@ -124,7 +131,7 @@ class Networks:
         args = [tf.constant(latents), tf.constant(timestep), tf.constant(self.context)]
         ours = lambda: fn(*args).numpy()  # noqa: E731
         torch_dtype = self.torch.float32 if dtype == "float32" else self.torch.bfloat16
-        unet = self.torch_unet[dtype]
+        unet = self.torch_unet[torch_dtype]
         inputs = [self.torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous().to(torch_dtype),
                   self.torch.from_numpy(timestep), self.torch.from_numpy(self.context).to(torch_dtype)]
 
@@ -137,7 +144,7 @@ class Networks:
     def vae_decode(self, side):
         import tensorflow as tf
 
-        model = self.sd_tf["float32"]
+        model = self.sd_tf("float32")
         latents = self.latents(side)[:1]
         decode = tf.function(lambda x: model.vae_decoder(x, training=False))
         ours = lambda: decode(tf.constant(latents)).numpy()  # noqa: E731
@@ -152,7 +159,7 @@ class Networks:
     def text_encode(self):
         import tensorflow as tf
 
-        model = self.sd_tf["float32"]
+        model = self.sd_tf("float32")
         encode = tf.function(lambda ids: model.text_encoder(ids, training=False))
         ours = lambda: encode(tf.constant(self.token_ids)).numpy()  # noqa: E731
         ids = self.torch.from_numpy(self.token_ids.astype(self.np.int64))
@@ -183,7 +190,8 @@ class Networks:
         def theirs():
             self.torch.nn.functional.scaled_dot_product_attention(tq, tk, tv).numpy()
 
-        return ours, theirs, self.flops(theirs)
+        # Two (tokens x tokens x head_dim) matmuls per head; torch's counter misses its CPU SDPA kernel.
+        return ours, theirs, 2 * 2 * 2 * heads * tokens * tokens * head_dim
 
     def flops(self, forward):
         from torch.utils.flop_counter import FlopCounterMode
@@ -283,9 +291,19 @@ def main(argv=None):
           f"torch threads {args.threads}, median of {args.repeats} after a warm-up\n")
     print("| row | sd_tf mode | sd_tf s | diffusers s (mode) | ratio | GFLOP/s sd_tf / diffusers | peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
+    # Whole generations first, while this process holds no model.
+    side = sides[0]
+    for dtype in ("float32", "bfloat16"):
+        ours = generation("sd_tf", folder, side, dtype, args.threads)
+        theirs = generation("diffusers", folder, side, dtype, args.threads)
+        rss = (f"{ours['rss']:.1f}", f"{theirs['rss']:.1f}")
+        row(f"cold start: load, build, first step ({side} px)", f"{dtype} auto", ours["cold"], theirs["cold"],
+            TORCH_MODES[dtype], rss=rss)
+        row(f"whole image, {GENERATION_STEPS} dpmpp_2m steps ({side} px)", f"{dtype} auto", ours["image"],
+            theirs["image"], TORCH_MODES[dtype], rss=rss)
     nets = Networks(folder, args.threads)
-    for side in sides:
-        for dtype in ("float32", "mixed_bfloat16"):
+    for dtype in TORCH_MODES:
+        for side in sides:
             theirs_time = None
             for mode in args.modes.split(","):
                 ours, theirs, flops = nets.unet_step(side, dtype, mode)
@@ -295,6 +313,7 @@ def main(argv=None):
                 latent = side // nets.factor
                 row(f"UNet step, batch 2, {latent}x{latent} latent ({side} px)", f"{dtype} {mode}",
                     ours_time, theirs_time, TORCH_MODES[dtype], flops)
+    for side in sides:
         tokens = (side // nets.factor) ** 2
         for use_keras in (False, True):
             ours, theirs, flops = nets.attention(tokens, use_keras=use_keras)
@@ -307,17 +326,6 @@ def main(argv=None):
     ours, theirs, flops = nets.text_encode()
     row("text encoding, batch 2", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats), "float32",
         flops)
-    del nets
-    side = sides[0]
-    for dtype in ("float32", "mixed_bfloat16"):
-        ours = generation("sd_tf", folder, side, dtype, args.threads)
-        theirs = generation("diffusers", folder, side, dtype, args.threads)
-        rss = (f"{ours['rss']:.1f}", f"{theirs['rss']:.1f}")
-        row(f"cold start: load, build, first step ({side} px)", f"{dtype} auto", ours["cold"], theirs["cold"],
-            TORCH_MODES[dtype], rss=rss)
-        row(f"whole image, {GENERATION_STEPS} dpmpp_2m steps ({side} px)", f"{dtype} auto", ours["image"],
-            theirs["image"], TORCH_MODES[dtype], rss=rss)
-
 
 if __name__ == "__main__":
     main()

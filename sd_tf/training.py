@@ -117,6 +117,9 @@ class Trainer:
     """
 
     def __init__(self, model, config: TrainConfig, trainable=None, gradient_masks=None, compile=None):
+        if model.dtype == "bfloat16":
+            raise ValueError('a dtype="bfloat16" model has bfloat16 weights and cannot be trained: '
+                             'load it with dtype="mixed_bfloat16"')
         self.model = model
         self.config = config
         self.strategy = model.strategy

@@ -677,7 +677,7 @@ def test_nan_decode_raises(refs):
 # reference of every part), then runs the parts named on its command line and prints one
 # "RESULT {json}" line per part (or "ERROR {json}" with the traceback).
 
-BACKGROUND_PARTS = ("mirrored", "xla", "mixed_bfloat16", "mixed_float16")
+BACKGROUND_PARTS = ("mirrored", "xla", "mixed_bfloat16", "bfloat16", "mixed_float16")
 # test function -> its part (the mixed precision test's part is its dtype parameter)
 BACKGROUND_TESTS = {"test_mirrored_strategy_matches_single_device": "mirrored",
                     "test_xla_mode_agrees_with_graph_mode": "xla",
@@ -742,13 +742,14 @@ BACKGROUND_CODE = textwrap.dedent("""
         images = sd.text_to_image(PROMPTS, **kwargs)
         expected = single.text_to_image(PROMPTS, **kwargs)
         mse = float(np.mean((images.astype(np.float64) - expected) ** 2))
-        return dict(compute_dtype=sd.unet.compute_dtype, output_dtype=str(images.dtype),
+        return dict(compute_dtype=sd.unet.compute_dtype, weights_dtype=sd.unet.weights[0].dtype,
+                    output_dtype=str(images.dtype),
                     finite=bool(np.isfinite(images).all()), psnr=10 * np.log10(1 / max(mse, 1e-20)),
                     max_diff=max_diff(images, expected))
 
     for part in parts:
         try:
-            result = mixed(part) if part.startswith("mixed_") else globals()[part]()
+            result = mixed(part) if "float16" in part else globals()[part]()
             result["cpu_seconds"] = time.process_time()  # of the whole process so far
             print("RESULT", json.dumps(dict(part=part, **result)), flush=True)
         except Exception:
@@ -776,11 +777,12 @@ def test_xla_mode_agrees_with_graph_mode(refs):
 
 
 # Observed: 42 dB for bfloat16 (8-bit mantissa), 62 dB for float16.
-@pytest.mark.parametrize("dtype,min_psnr", [("mixed_bfloat16", 30.0), ("mixed_float16", 40.0)])
+@pytest.mark.parametrize("dtype,min_psnr", [("mixed_bfloat16", 30.0), ("bfloat16", 30.0), ("mixed_float16", 40.0)])
 def test_mixed_precision_close_to_float32(refs, dtype, min_psnr):
     result = refs.background(dtype)
     print(f"{dtype}: PSNR vs float32 {result['psnr']:.2f} dB, max difference {result['max_diff'] * 255:.1f}/255 "
           f"(background process CPU so far: {result['cpu_seconds']:.0f} s)")
-    assert result["compute_dtype"] == dtype.split("_")[1]
+    assert result["compute_dtype"] == dtype.removeprefix("mixed_")
+    assert result["weights_dtype"] == ("bfloat16" if dtype == "bfloat16" else "float32")
     assert result["output_dtype"] == "float32" and result["finite"]
     assert result["psnr"] >= min_psnr

@@ -471,6 +471,11 @@ def eager_trainer(nano, dtype="float32", **settings):
     return Trainer(model, config)
 
 
+def test_bfloat16_weights_cannot_be_trained(nano):
+    with pytest.raises(ValueError, match="mixed_bfloat16"):
+        eager_trainer(nano, dtype="bfloat16")
+
+
 def test_gradient_accumulation_equals_the_whole_batch_at_once(nano, training_data):
     """Two micro-batches of 2 give the loss and gradients of one batch of 4."""
     batch = take_batch(training_data, 6, size=4)
