@@ -8,6 +8,7 @@ Original (CompVis) single files are first renamed to diffusers keys by
 """
 
 import json
+import mmap
 import pickle
 import re
 import zipfile
@@ -41,14 +42,16 @@ def _bfloat16():
 
 
 def read_safetensors(path):
-    """All tensors of a ``.safetensors`` file, as numpy arrays (bf16 as ml_dtypes.bfloat16).
+    """All tensors of a ``.safetensors`` file, as read-only numpy arrays (bf16 as ml_dtypes.bfloat16).
 
     Parsed here rather than by ``safetensors.numpy``, which cannot read bf16:
     an 8-byte little-endian header size, a JSON header of
-    ``{name: {dtype, shape, data_offsets}}``, then the tensor bytes.
+    ``{name: {dtype, shape, data_offsets}}``, then the tensor bytes. The
+    arrays are views of the memory-mapped file (see ``release_pages``).
     """
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if Path(path).stat().st_size else b""
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({error})") from error
 
@@ -356,10 +359,26 @@ def match_weights(models, tensors):
     return assignments
 
 
+def release_pages(array):
+    """Drops the pages of the memory-mapped file behind ``array`` (if any) from this process's memory.
+
+    They stay in the page cache and are read again if touched, so this is
+    always safe; it keeps a loaded checkpoint from being held in memory twice,
+    as file pages and as the variables filled from them.
+    """
+    while isinstance(array, np.ndarray):
+        array = array.base
+    if isinstance(array, memoryview):
+        array = array.obj
+    if isinstance(array, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        array.madvise(mmap.MADV_DONTNEED)
+
+
 def assign_weights(assignments):
     """Assigns the values of ``match_weights``, converted to each variable's dtype."""
     for variable, value in assignments:
         variable.assign(np.asarray(value, dtype=np.float32).astype(variable.dtype))
+        release_pages(value)
 
 
 def load_weights(models, tensors):

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -386,6 +387,28 @@ def test_bfloat16_safetensors(tmp_path):
     assert str(tensors["w"].dtype) == "bfloat16"
     assert np.array_equal(tensors["w"].astype(np.float32), values.to(torch.bfloat16).float().numpy())
     assert np.array_equal(tensors["f"], values.numpy())
+
+
+def file_pages_mb():
+    """Megabytes of file-backed pages this process holds (RssFile, Linux)."""
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"RssFile:\s+(\d+) kB", status)[1]) / 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_safetensors_are_mapped_and_released_after_assignment(tmp_path):
+    """Tensors are views of the mapped file; assigning one drops its pages, and the values stay intact."""
+    import keras
+    from safetensors.numpy import save_file
+
+    values = np.random.default_rng(0).standard_normal((64, 1024, 256)).astype(np.float32)  # 64 MB
+    save_file({"w": values}, str(tmp_path / "big.safetensors"))
+    tensor = weights.read_checkpoint(tmp_path / "big.safetensors")["w"]
+    before = file_pages_mb()
+    variable = keras.Variable(np.zeros(values.shape, np.float32))
+    weights.assign_weights([(variable, tensor)])
+    assert file_pages_mb() - before < 16  # touched while copied, then released
+    assert np.array_equal(variable.numpy(), values) and np.array_equal(tensor, values)
 
 
 def test_lightning_training_checkpoint_reads(tmp_path, monkeypatch):
