@@ -14,6 +14,7 @@ FlopCounterMode counts for diffusers' network by each library's time.
 """
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -25,6 +26,7 @@ from pathlib import Path
 
 PROMPT = "a photograph of an astronaut riding a horse"
 GENERATION_STEPS = 25
+ROW_GROUPS = ("generation", "unet", "attention", "vae", "text")
 # sd_tf dtype -> the diffusers mode it is compared with
 TORCH_MODES = {"float32": "float32", "mixed_bfloat16": "bfloat16 weights", "bfloat16": "bfloat16 weights"}
 
@@ -109,6 +111,7 @@ class Networks:
 
         if self.loaded[0] != dtype:
             self.loaded = (None, None)
+            gc.collect()  # the model and its compiled functions form reference cycles
             self.loaded = (dtype, StableDiffusion.from_pretrained(self.folder, dtype=dtype))
         return self.loaded[1]
 
@@ -276,6 +279,7 @@ def main(argv=None):
     parser.add_argument("--model", type=Path, default=None,
                         help="benchmark this diffusers folder instead (e.g. a downloaded SD 1.5)")
     parser.add_argument("--modes", default="eager,graph,xla", help="sd_tf compile modes of the UNet rows")
+    parser.add_argument("--rows", default=",".join(ROW_GROUPS), help="the groups of rows to run")
     parser.add_argument("--worker", choices=("sd_tf", "diffusers"), help=argparse.SUPPRESS)
     parser.add_argument("--side", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -291,9 +295,10 @@ def main(argv=None):
           f"torch threads {args.threads}, median of {args.repeats} after a warm-up\n")
     print("| row | sd_tf mode | sd_tf s | diffusers s (mode) | ratio | GFLOP/s sd_tf / diffusers | peak RSS GB |")
     print("|---|---|---|---|---|---|---|")
+    rows = args.rows.split(",")
     # Whole generations first, while this process holds no model.
     side = sides[0]
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16") if "generation" in rows else ():
         ours = generation("sd_tf", folder, side, dtype, args.threads)
         theirs = generation("diffusers", folder, side, dtype, args.threads)
         rss = (f"{ours['rss']:.1f}", f"{theirs['rss']:.1f}")
@@ -301,8 +306,10 @@ def main(argv=None):
             TORCH_MODES[dtype], rss=rss)
         row(f"whole image, {GENERATION_STEPS} dpmpp_2m steps ({side} px)", f"{dtype} auto", ours["image"],
             theirs["image"], TORCH_MODES[dtype], rss=rss)
+    if rows == ["generation"]:
+        return
     nets = Networks(folder, args.threads)
-    for dtype in TORCH_MODES:
+    for dtype in TORCH_MODES if "unet" in rows else ():
         for side in sides:
             theirs_time = None
             for mode in args.modes.split(","):
@@ -315,17 +322,20 @@ def main(argv=None):
                     ours_time, theirs_time, TORCH_MODES[dtype], flops)
     for side in sides:
         tokens = (side // nets.factor) ** 2
-        for use_keras in (False, True):
+        for use_keras in (False, True) if "attention" in rows else ():
             ours, theirs, flops = nets.attention(tokens, use_keras=use_keras)
             row(f"self-attention, {tokens} tokens, 8 heads x 40, batch 2",
                 "keras dot_product_attention" if use_keras else "float32 sd_tf (query-chunked)",
                 timed(ours, args.repeats), timed(theirs, args.repeats), "torch SDPA", flops)
-        ours, theirs, flops = nets.vae_decode(side)
-        row(f"VAE decode to {side}x{side}", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats),
+        if "vae" in rows:
+            ours, theirs, flops = nets.vae_decode(side)
+            row(f"VAE decode to {side}x{side}", "float32 graph", timed(ours, args.repeats),
+                timed(theirs, args.repeats), "float32", flops)
+    if "text" in rows:
+        ours, theirs, flops = nets.text_encode()
+        row("text encoding, batch 2", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats),
             "float32", flops)
-    ours, theirs, flops = nets.text_encode()
-    row("text encoding, batch 2", "float32 graph", timed(ours, args.repeats), timed(theirs, args.repeats), "float32",
-        flops)
+
 
 if __name__ == "__main__":
     main()
