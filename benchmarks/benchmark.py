@@ -10,7 +10,8 @@ process, interleaved (sd_tf, diffusers, sd_tf, ...), reporting the median of
 --repeats runs after one warm-up run. The generation rows (cold start, then a
 whole image with 25 dpmpp_2m steps) run each library in a fresh process,
 which also gives its peak memory (RSS). GFLOP/s divides the FLOPs torch's
-FlopCounterMode counts for diffusers' network by each library's time.
+FlopCounterMode counts for diffusers' network (attention's: 4 N^2 d per head)
+by each library's time. --rows picks groups of rows (default: all).
 """
 
 import argparse
