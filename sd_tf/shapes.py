@@ -203,14 +203,17 @@ EDGE_THRESHOLD = 0.5  # mask = distance above this fraction of the shape's level
 MIN_CONTRAST = 12.0  # CIELAB distance below which no shape is seen
 MIN_SHAPE_PIXELS = 20  # smaller masks count as "no shape"
 BLOB_SEED_RADIUS = 4  # box-filter radius used to find the shape's densest spot
-# Typical (bounding-box fill ratio, fraction of the mask in the lower half of
-# its box) of each shape as segmented from slightly blurred images. The ideal
-# values are (pi/4, 0.5), (1, 0.5) and (0.5, 0.75), but blur rounds a square's
-# corners and the pixel grid clips a triangle's apex.
+CORNER_FRACTION = 0.2  # corner patches of the shape's bounding box: this fraction of its height and width
+# Typical (fill of the two top corner patches, fill of the two bottom ones) of
+# each shape drawn by ``draw`` and slightly blurred (Gaussian, 1 px), as
+# segmented below: a circle leaves all four corners nearly empty, a square
+# fills them, an (apex-up) triangle fills only the bottom ones. Unlike the
+# box's overall fill ratio, this still tells a square whose sides bow in
+# from a circle.
 SHAPE_SIGNATURES = {
-    "circle": (0.78, 0.5),
-    "square": (0.95, 0.5),
-    "triangle": (0.58, 0.72),
+    "circle": (0.13, 0.13),
+    "square": (0.98, 0.98),
+    "triangle": (0.0, 0.87),
 }
 
 
@@ -286,15 +289,13 @@ def _main_blob(mask):
 def _classify_mask(mask):
     """Name the shape in a boolean mask by its nearest SHAPE_SIGNATURES entry."""
     rows, cols = np.nonzero(mask)
-    top, bottom = rows.min(), rows.max() + 1
-    height, width = bottom - top, cols.max() + 1 - cols.min()
-    fill = len(rows) / (height * width)
-    lower_mass = np.mean(rows + 0.5 >= (top + bottom) / 2)
+    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = max(1, round(box.shape[0] * CORNER_FRACTION)), max(1, round(box.shape[1] * CORNER_FRACTION))
+    top = (box[:height, :width].mean() + box[:height, -width:].mean()) / 2
+    bottom = (box[-height:, :width].mean() + box[-height:, -width:].mean()) / 2
     return min(
         SHAPE_SIGNATURES,
-        key=lambda name: np.hypot(
-            fill - SHAPE_SIGNATURES[name][0], lower_mass - SHAPE_SIGNATURES[name][1]
-        ),
+        key=lambda name: np.hypot(top - SHAPE_SIGNATURES[name][0], bottom - SHAPE_SIGNATURES[name][1]),
     )
 
 
@@ -311,8 +312,8 @@ def analyze(image):
     4. Colour: the median colour of the half of the mask farthest from the
        background (so blended edge pixels are ignored), matched to the
        nearest palette colour other than the background.
-    5. Shape: the nearest SHAPE_SIGNATURES entry by bounding-box fill ratio
-       and by the fraction of the mask in the lower half of its box.
+    5. Shape: the nearest SHAPE_SIGNATURES entry by how much of the top and
+       of the bottom corner patches of the mask's bounding box it fills.
 
     If nothing stands out (99th percentile below MIN_CONTRAST, or a blob of
     fewer than MIN_SHAPE_PIXELS pixels), ``colour`` and ``shape`` are None.
