@@ -145,6 +145,18 @@ class Networks:
 
         return ours, theirs, self.flops(lambda: unet(*inputs))
 
+    def torch_autocast_step(self, side):
+        """diffusers' float32 UNet step under bfloat16 autocast (the other low-precision mode)."""
+        unet = self.torch_unet[self.torch.float32]
+        inputs = [self.torch.from_numpy(self.latents(side)).permute(0, 3, 1, 2).contiguous(),
+                  self.torch.full((2,), 500.0), self.torch.from_numpy(self.context)]
+
+        def theirs():
+            with self.torch.no_grad(), self.torch.autocast("cpu", dtype=self.torch.bfloat16):
+                unet(*inputs).sample.float().numpy()
+
+        return theirs
+
     def vae_decode(self, side):
         import tensorflow as tf
 
@@ -316,11 +328,15 @@ def main(argv=None):
             for mode in args.modes.split(","):
                 ours, theirs, flops = nets.unet_step(side, dtype, mode)
                 ours_time = timed(ours, args.repeats)
-                if theirs_time is None:
-                    theirs_time = timed(theirs, args.repeats)
+                if theirs_time is None:  # diffusers' faster low-precision mode: bf16 weights or autocast
+                    theirs_time, theirs_mode = timed(theirs, args.repeats), TORCH_MODES[dtype]
+                    if dtype != "float32":
+                        autocast_time = timed(nets.torch_autocast_step(side), args.repeats)
+                        if autocast_time < theirs_time:
+                            theirs_time, theirs_mode = autocast_time, "bfloat16 autocast"
                 latent = side // nets.factor
                 row(f"UNet step, batch 2, {latent}x{latent} latent ({side} px)", f"{dtype} {mode}",
-                    ours_time, theirs_time, TORCH_MODES[dtype], flops)
+                    ours_time, theirs_time, theirs_mode, flops)
     for side in sides:
         tokens = (side // nets.factor) ** 2
         for use_keras in (False, True) if "attention" in rows else ():
