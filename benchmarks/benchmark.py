@@ -135,27 +135,22 @@ class Networks:
         args = [tf.constant(latents), tf.constant(timestep), tf.constant(self.context)]
         ours = lambda: fn(*args).numpy()  # noqa: E731
         torch_dtype = self.torch.float32 if dtype == "float32" else self.torch.bfloat16
-        unet = self.torch_unet[torch_dtype]
-        inputs = [self.torch.from_numpy(latents).permute(0, 3, 1, 2).contiguous().to(torch_dtype),
-                  self.torch.from_numpy(timestep), self.torch.from_numpy(self.context).to(torch_dtype)]
+        theirs, torch_forward = self.torch_unet_step(side, torch_dtype)
+        return ours, theirs, self.flops(torch_forward)
+
+    def torch_unet_step(self, side, weights_dtype, autocast=False):
+        """(timed call, bare forward) of diffusers' CFG-batch UNet step with ``weights_dtype`` weights,
+        optionally under bfloat16 autocast (diffusers' other low-precision mode)."""
+        torch = self.torch
+        unet = self.torch_unet[weights_dtype]
+        inputs = [torch.from_numpy(self.latents(side)).permute(0, 3, 1, 2).contiguous().to(weights_dtype),
+                  torch.full((2,), 500.0), torch.from_numpy(self.context).to(weights_dtype)]
 
         def theirs():
-            with self.torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 unet(*inputs).sample.float().numpy()
 
-        return ours, theirs, self.flops(lambda: unet(*inputs))
-
-    def torch_autocast_step(self, side):
-        """diffusers' float32 UNet step under bfloat16 autocast (the other low-precision mode)."""
-        unet = self.torch_unet[self.torch.float32]
-        inputs = [self.torch.from_numpy(self.latents(side)).permute(0, 3, 1, 2).contiguous(),
-                  self.torch.full((2,), 500.0), self.torch.from_numpy(self.context)]
-
-        def theirs():
-            with self.torch.no_grad(), self.torch.autocast("cpu", dtype=self.torch.bfloat16):
-                unet(*inputs).sample.float().numpy()
-
-        return theirs
+        return theirs, lambda: unet(*inputs)
 
     def vae_decode(self, side):
         import tensorflow as tf
@@ -331,7 +326,8 @@ def main(argv=None):
                 if theirs_time is None:  # diffusers' faster low-precision mode: bf16 weights or autocast
                     theirs_time, theirs_mode = timed(theirs, args.repeats), TORCH_MODES[dtype]
                     if dtype != "float32":
-                        autocast_time = timed(nets.torch_autocast_step(side), args.repeats)
+                        autocast, _ = nets.torch_unet_step(side, nets.torch.float32, autocast=True)
+                        autocast_time = timed(autocast, args.repeats)
                         if autocast_time < theirs_time:
                             theirs_time, theirs_mode = autocast_time, "bfloat16 autocast"
                 latent = side // nets.factor

@@ -9,6 +9,7 @@ Original (CompVis) single files are first renamed to diffusers keys by
 
 import json
 import mmap
+import os
 import pickle
 import re
 import zipfile
@@ -51,7 +52,7 @@ def read_safetensors(path):
     """
     try:
         with open(path, "rb") as file:
-            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if Path(path).stat().st_size else b""
+            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if os.fstat(file.fileno()).st_size else b""
     except OSError as error:
         raise CheckpointError(f"{path}: cannot read ({error})") from error
 
